@@ -1,0 +1,213 @@
+"""Running one stage: logging, resume-by-manifest, local staging for S3, and the manifest written last.
+
+A stage's outputs live at ``<artifacts>/<run-id>/<stage>/``. Its ``_manifest.json`` is written last and
+atomically: its presence means the stage succeeded. When the manifest's fingerprint (code version, the
+settings that matter, the inputs' fingerprints) matches the current one, the stage is skipped.
+
+For a local store the stage writes straight into its folder. For S3 it writes into a local staging folder
+that is uploaded file by file (``ctx.sync()``, also usable mid-way, e.g. after each checkpoint) before the
+manifest is put.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common.settings import StageSettings, fingerprint_fields, redacted
+from common.store import Store, open_store, sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes shows this file's text as the pod's failure reason
+
+
+class StageFailed(Exception):
+    """The stage cannot produce its outputs; the message says why and how to fix it (exit 1, or 2 for bad input)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("asr-ft")
+    except PackageNotFoundError:  # running from a source tree without install
+        v = "0+unknown"
+    return os.environ.get("ASRFT_CODE_VERSION", v)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ASRFT_CACHE") or Path.home() / ".cache" / "asr-ft")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level), stream=sys.stderr, force=True,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+
+
+@dataclass
+class StageContext:
+    stage: str
+    settings: StageSettings
+    store: Store
+    run_prefix: str  # "<run-id>"
+    out: Path  # local folder the stage writes into
+    manifest_extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, *parts: str) -> str:
+        """Store key inside this stage's folder."""
+        return self.store.join(self.run_prefix, self.stage, *parts)
+
+    def uri(self, *parts: str) -> str:
+        return self.store.uri_for(self.key(*parts))
+
+    def input_dir(self, stage: str) -> Path:
+        """Local folder holding another stage's outputs of this run (downloaded from S3 when needed)."""
+        return stage_dir(self.store, self.run_prefix, stage)
+
+    def sync(self) -> None:
+        """Upload what the stage wrote so far (no-op for a local store)."""
+        if self.store.local_path(self.key()) is None:
+            self.store.put_dir(self.out, self.key())
+
+
+def stage_dir(store: Store, run_prefix: str, stage: str) -> Path:
+    prefix = store.join(run_prefix, stage)
+    local = store.local_path(prefix)
+    if local is not None:
+        if not (local / MANIFEST).exists():
+            raise StageFailed(
+                f"stage '{stage}' has not completed in run '{run_prefix}' ({local}/{MANIFEST} missing). "
+                f"Run `asr-ft {stage}` first (or `asr-ft run`)."
+            )
+        return local
+    if not store.exists(store.join(prefix, MANIFEST)):
+        raise StageFailed(f"stage '{stage}' has not completed in {store.uri_for(prefix)}; run `asr-ft {stage}` first.")
+    manifest = store.read_json(store.join(prefix, MANIFEST))
+    dest = cache_dir() / "s3" / hashlib.sha256(store.uri_for(prefix).encode()).hexdigest()[:16] / stage
+    for out in manifest["outputs"]:
+        path = dest / out["path"]
+        if not path.exists() or path.stat().st_size != out["size"]:
+            store.get_file(store.join(prefix, out["path"]), path)
+    return dest
+
+
+def manifest_fingerprint(stage: str, settings: StageSettings, inputs: dict[str, Any]) -> str:
+    payload = {"stage": stage, "code": code_version(), "settings": fingerprint_fields(settings), "inputs": inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def read_manifest(store: Store, run_prefix: str, stage: str) -> dict[str, Any] | None:
+    key = store.join(run_prefix, stage, MANIFEST)
+    return store.read_json(key) if store.exists(key) else None
+
+
+def upstream_fingerprint(store: Store, run_prefix: str, stage: str) -> str:
+    """An upstream stage's fingerprint (what downstream manifests record as their input)."""
+    m = read_manifest(store, run_prefix, stage)
+    if m is None:
+        raise StageFailed(f"stage '{stage}' has not completed in run '{run_prefix}'. Run `asr-ft {stage}` first.")
+    return m["fingerprint"]
+
+
+def _outputs(out: Path) -> list[dict[str, Any]]:
+    return [
+        {"path": p.relative_to(out).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    ]
+
+
+def run_stage(
+    stage: str,
+    settings: StageSettings,
+    inputs: dict[str, Any] | Callable[[Store], dict[str, Any]],
+    body: Callable[[StageContext], dict[str, Any] | None],
+) -> int:
+    """settings → log them → skip if done → run body → write manifest → exit code."""
+    setup_logging(settings.log_level)
+    log.info("%s settings: %s", stage, json.dumps(redacted(settings), ensure_ascii=False))
+    try:
+        store = open_store(settings.artifacts, settings.s3)
+        if callable(inputs):
+            inputs = inputs(store)
+        fingerprint = manifest_fingerprint(stage, settings, inputs)
+        old = read_manifest(store, settings.run_id, stage)
+        if old and old.get("fingerprint") == fingerprint and not settings.force:
+            log.info("%s: skipped — %s matches its inputs and settings (use --force to redo)",
+                     stage, store.uri_for(store.join(settings.run_id, stage, MANIFEST)))
+            return EXIT_OK
+        local = store.local_path(store.join(settings.run_id, stage))
+        if local is None:
+            local = cache_dir() / "staging" / hashlib.sha256(settings.artifacts.encode()).hexdigest()[:16] / settings.run_id / stage
+        if old is not None:  # outdated: the manifest goes first so a half-redone stage never looks complete
+            store.delete_prefix(store.join(settings.run_id, stage, MANIFEST))
+        local.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(stage, settings, store, settings.run_id, local)
+        started = datetime.now(UTC)
+        t0 = time.perf_counter()
+        summary = body(ctx) or {}
+        ctx.sync()
+        manifest = {
+            "stage": stage,
+            "code_version": code_version(),
+            "fingerprint": fingerprint,
+            "settings": redacted(settings),
+            "inputs": inputs,
+            "outputs": _outputs(local),
+            "summary": summary,
+            "started": started.isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - t0, 3),
+            **ctx.manifest_extra,
+        }
+        store.write_json(store.join(settings.run_id, stage, MANIFEST), manifest)
+        log.info("%s: done in %.1f s → %s", stage, manifest["seconds"], store.uri_for(store.join(settings.run_id, stage)))
+        return EXIT_OK
+    except StageFailed as e:
+        return fail(stage, str(e), e.exit_code)
+    except KeyboardInterrupt:
+        return fail(stage, "interrupted; re-run the same command to resume", 130)
+
+
+def fail(stage: str, message: str, code: int) -> int:
+    log.error("%s failed: %s", stage, message)
+    if TERMINATION_LOG.parent.exists() and os.access(TERMINATION_LOG, os.W_OK):
+        try:
+            TERMINATION_LOG.write_text(f"{stage}: {message}"[-4000:])  # the kubelet keeps at most 4096 bytes
+        except OSError:
+            pass
+    return code
+
+
+def stage_main(cls: type[StageSettings], argv: list[str] | None, doc: str, examples: str = ""):
+    """Parse flags/env/YAML into settings; on bad settings print every problem and return None (exit 2)."""
+    from common.settings import SettingsError, parse_args, stage_name
+
+    name = stage_name(cls)
+    title, _, rest = (doc or "").strip().partition("\n")
+    try:
+        return parse_args(cls, argv, prog=f"asr-ft {name}", description=title + ("\n" + rest if rest else ""),
+                          epilog=examples)
+    except SettingsError as e:
+        setup_logging("INFO")
+        print(f"asr-ft {name}: {e}", file=sys.stderr)
+        fail(name, str(e), EXIT_BAD_INPUT)
+        return None

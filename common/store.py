@@ -1,0 +1,335 @@
+"""Artifact store: one API over a local folder (or PVC mount) and ``s3://bucket/prefix``.
+
+Keys are ``/``-separated paths relative to the store root, e.g. ``demo/prepare/train.jsonl``.
+
+Atomicity: locally every write goes to a temp file in the same folder and is renamed into place; on S3 an
+object becomes visible only when its PUT (or multipart upload) completes, and a failed multipart upload is
+aborted, so a reader never sees a partial object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from common.settings import S3Settings
+
+log = logging.getLogger(__name__)
+
+CHUNK = 8 * 1024 * 1024  # 8 MiB: read/hash chunk and S3 multipart part size (S3 minimum part is 5 MiB)
+
+
+class StoreError(Exception):
+    """A store operation failed; the message says which URI and what to check."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_key(key: str) -> str:
+    parts = PurePosixPath(key).parts
+    if not key or key.startswith("/") or ".." in parts:
+        raise StoreError(f"invalid artifact key {key!r}: expected a relative path without '..'")
+    return str(PurePosixPath(*parts))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it into place if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class Store:
+    """Common API; ``open_store`` returns a LocalStore or an S3Store."""
+
+    uri: str
+
+    def join(self, *parts: str) -> str:
+        return "/".join(p.strip("/") for p in parts if p)
+
+    def uri_for(self, key: str) -> str:
+        return self.uri.rstrip("/") + "/" + _check_key(key)
+
+    # Text/JSON helpers shared by both backends.
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_bytes(key, (json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False) + "\n").encode())
+
+    # Backends implement these.
+    def exists(self, key: str) -> bool: raise NotImplementedError
+    def read_bytes(self, key: str) -> bytes: raise NotImplementedError
+    def write_bytes(self, key: str, data: bytes) -> None: raise NotImplementedError
+    def put_file(self, local: Path, key: str) -> None: raise NotImplementedError
+    def get_file(self, key: str, local: Path) -> None: raise NotImplementedError
+    def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
+    def delete_prefix(self, prefix: str) -> None: raise NotImplementedError
+    def local_path(self, key: str) -> Path | None:
+        """The file system path of ``key`` when the store is local, else None."""
+        return None
+
+    def put_dir(self, local: Path, prefix: str) -> list[str]:
+        keys = []
+        for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+            key = self.join(prefix, path.relative_to(local).as_posix())
+            self.put_file(path, key)
+            keys.append(key)
+        return keys
+
+    def get_dir(self, prefix: str, local: Path) -> Path:
+        for key in self.list(prefix):
+            rel = key[len(prefix.rstrip("/")) + 1:]
+            dest = Path(local) / rel
+            if not dest.exists():
+                self.get_file(key, dest)
+        return Path(local)
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _p(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def local_path(self, key: str) -> Path:
+        return self._p(key)
+
+    def uri_for(self, key: str) -> str:
+        return str(self._p(key))
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).exists()
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._p(key).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{self._p(key)} does not exist") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        atomic_write_bytes(self._p(key), data)
+
+    def put_file(self, local: Path, key: str) -> None:
+        dest = self._p(key)
+        if Path(local).resolve() == dest:
+            return
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(local, tmp)
+
+    def get_file(self, key: str, local: Path) -> None:
+        src = self._p(key)
+        if not src.exists():
+            raise StoreError(f"{src} does not exist")
+        with atomic_path(Path(local)) as tmp:
+            shutil.copyfile(src, tmp)
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._p(prefix) if prefix else self.root
+        if not base.exists():
+            return []
+        if base.is_file():
+            return [_check_key(prefix)]
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and ".tmp" not in p.name
+        )
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._p(prefix)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class S3Store(Store):
+    def __init__(self, uri: str, s3: S3Settings | None = None, client: Any = None):
+        rest = uri[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise StoreError(f"{uri!r}: expected s3://bucket/optional/prefix")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = client or make_s3_client(s3 or S3Settings())
+
+    def _k(self, key: str) -> str:
+        key = _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _wrap(self, err: Exception, key: str, action: str) -> StoreError:
+        return StoreError(
+            f"S3 {action} of s3://{self.bucket}/{self._k(key)} failed: {err}. Check the bucket exists, the "
+            "credentials (ASRFT_S3__ACCESS_KEY_ID / AWS_ACCESS_KEY_ID) and ASRFT_S3__ENDPOINT_URL."
+        )
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._wrap(e, key, "HEAD") from None
+
+    def read_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+        except ClientError as e:
+            raise self._wrap(e, key, "GET") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        from botocore.exceptions import ClientError
+
+        try:  # a single PUT: the object appears whole or not at all
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+        except ClientError as e:
+            raise self._wrap(e, key, "PUT") from None
+
+    def put_stream(self, stream: IO[bytes], key: str) -> None:
+        """Multipart upload from a stream; aborted on any error, so no partial object is ever visible."""
+        from botocore.exceptions import ClientError
+
+        k = self._k(key)
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=k)["UploadId"]
+        parts = []
+        try:
+            number = 1
+            while chunk := stream.read(CHUNK):
+                etag = self.client.upload_part(
+                    Bucket=self.bucket, Key=k, UploadId=upload_id, PartNumber=number, Body=chunk
+                )["ETag"]
+                parts.append({"ETag": etag, "PartNumber": number})
+                number += 1
+            if not parts:  # S3 needs at least one part
+                etag = self.client.upload_part(Bucket=self.bucket, Key=k, UploadId=upload_id, PartNumber=1, Body=b"")["ETag"]
+                parts.append({"ETag": etag, "PartNumber": 1})
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=k, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=k, UploadId=upload_id)
+            if isinstance(e, ClientError):
+                raise self._wrap(e, key, "multipart upload") from None
+            raise
+
+    def put_file(self, local: Path, key: str) -> None:
+        size = Path(local).stat().st_size
+        if size <= CHUNK:
+            self.write_bytes(key, Path(local).read_bytes())
+        else:
+            with open(local, "rb") as f:
+                self.put_stream(f, key)
+
+    def get_file(self, key: str, local: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        with atomic_path(Path(local)) as tmp:
+            try:
+                self.client.download_file(self.bucket, self._k(key), str(tmp))
+            except ClientError as e:
+                raise self._wrap(e, key, "download") from None
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._k(prefix) if prefix else self.prefix
+        full = full.rstrip("/") + "/" if full else ""
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+        if prefix and not keys and self.exists(prefix):
+            return [_check_key(prefix)]
+        return sorted(keys)
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.list(prefix)
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self._k(k)} for k in keys[i:i + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+def make_s3_client(s3: S3Settings):
+    import boto3
+    from botocore.config import Config
+
+    def secret(v):
+        return v.get_secret_value() if v is not None else None
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        region_name=s3.region,
+        aws_access_key_id=secret(s3.access_key_id),
+        aws_secret_access_key=secret(s3.secret_access_key),
+        aws_session_token=secret(s3.session_token),
+        config=Config(s3={"addressing_style": s3.addressing_style}, retries={"max_attempts": 5, "mode": "standard"}),
+    )
+
+
+def open_store(uri: str, s3: S3Settings | None = None) -> Store:
+    if uri.startswith("s3://"):
+        return S3Store(uri, s3)
+    if "://" in uri and not uri.startswith("file://"):
+        raise StoreError(f"unsupported artifacts URI {uri!r}: use a folder path or s3://bucket/prefix")
+    return LocalStore(uri.removeprefix("file://"))
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://b/p/x/y.wav`` → (``s3://b``, ``p/x/y.wav``); a local path → (parent folder, file name)."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        return f"s3://{bucket}", key
+    p = Path(uri)
+    return str(p.parent), p.name
