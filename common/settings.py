@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "ASRFT_"
 STAGES = ("prepare", "extract", "pretrained", "finetune", "export", "evaluate")
+# A pipeline file's sections: the orchestrator's own ("run"), the demo data generator's, and one per stage.
+PIPELINE_SECTIONS = ("run", "demo-data", "score", *STAGES)
 COMMON_FIELDS = ("artifacts", "run_id", "force", "log_level", "s3")
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"  # also a valid Kubernetes label value
 
@@ -63,7 +65,10 @@ class S3Settings(BaseModel):
 class StageSettings(BaseSettings):
     """Fields every stage has. Subclasses set ``model_config`` with their own ``env_prefix``."""
 
-    model_config = SettingsConfigDict(extra="forbid", env_nested_delimiter="__", validate_default=True)
+    # env_ignore_empty: a blank variable (common in Helm/compose templates) means "not set", as for ASRFT_<FIELD>.
+    model_config = SettingsConfigDict(
+        extra="forbid", env_nested_delimiter="__", validate_default=True, env_ignore_empty=True
+    )
 
     artifacts: str = Field(
         "runs/",
@@ -149,20 +154,23 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 def yaml_section(data: dict[str, Any], stage: str, path: Path | str = "<config>") -> dict[str, Any]:
     """A pipeline file (has a section named after any stage) → common keys + this stage's section."""
-    section_names = {s.replace("-", "_") for s in STAGES} | set(STAGES) | {"pipeline", "executor", "k8s", "compose"}
+    section_names = {s.replace("-", "_") for s in PIPELINE_SECTIONS} | set(PIPELINE_SECTIONS)
     if not any(k in section_names for k in data):
         return dict(data)  # flat file for this stage
     unknown = [k for k in data if k not in section_names and k not in COMMON_FIELDS]
     if unknown:
         raise SettingsError(
             f"--config {path}: unknown top-level key(s) {unknown}. A pipeline file has the common keys "
-            f"{list(COMMON_FIELDS)} and one section per stage {list(STAGES)}."
+            f"{list(COMMON_FIELDS)} and one section each of {list(PIPELINE_SECTIONS)}."
         )
     section = data.get(stage) or data.get(stage.replace("-", "_")) or {}
     if not isinstance(section, dict):
         raise SettingsError(f"--config {path}: section '{stage}' must be a mapping, got {type(section).__name__}.")
     merged = {k: v for k, v in data.items() if k in COMMON_FIELDS}
-    merged.update(section)
+    for key, value in section.items():  # one level deep, so top-level s3.endpoint_url + section s3.region both hold
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = {**merged[key], **value}
+        merged[key] = value
     return merged
 
 
@@ -237,15 +245,42 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def unknown_env_vars(cls: type[StageSettings]) -> list[str]:
+    """``ASRFT_<STAGE>_*`` variables that name no field of ``cls`` (typos pydantic-settings would ignore).
+    Common variables (``ASRFT_RUN_ID`` for a stage whose prefix is ``ASRFT_RUN_``) are not counted."""
+    prefix = cls.model_config["env_prefix"].upper()
+    common = {f"{ENV_PREFIX}{name.upper()}" for name in COMMON_FIELDS}
+    unknown = []
+    for var in os.environ:
+        upper = var.upper()
+        if not upper.startswith(prefix) or upper in common or upper.startswith(f"{ENV_PREFIX}S3__"):
+            continue
+        field = upper[len(prefix):].split("__", 1)[0].lower()
+        if field not in cls.model_fields:
+            unknown.append(var)
+    return sorted(unknown)
+
+
 def load_settings(cls: type[StageSettings], cli: dict[str, Any] | None = None, config: Path | None = None):
     """Build settings from all layers; raise SettingsError listing every problem and how to fix it."""
     token = _config_file.set(Path(config) if config else None)
+    problems: list[str] = []
+    settings = None
     try:
-        return cls(**_nest(cli or {}))
+        settings = cls(**_nest(cli or {}))
     except ValidationError as e:
-        raise SettingsError(format_validation_error(cls, e)) from None
+        problems = format_validation_error(cls, e, config).splitlines()[1:]
     finally:
         _config_file.reset(token)
+    stage = stage_name(cls)
+    problems += [
+        f"  - {var}: not a {stage} setting (environment variable). Unset it, or check the spelling; "
+        f"`asr-ft {stage} --help` lists each setting's variable."
+        for var in unknown_env_vars(cls)
+    ]
+    if problems:
+        raise SettingsError("\n".join([f"{len(problems)} problem(s) with the {stage} settings · 配置有误:", *problems]))
+    return settings
 
 
 def parse_args(cls: type[StageSettings], argv: list[str] | None, *, prog: str, description: str, epilog: str = ""):
@@ -255,8 +290,14 @@ def parse_args(cls: type[StageSettings], argv: list[str] | None, *, prog: str, d
     return load_settings(cls, ns, config)
 
 
-def format_validation_error(cls: type[StageSettings], err: ValidationError) -> str:
+def _is_model_field(cls: type[StageSettings], name: str) -> bool:
+    tp = _unwrap_optional(cls.model_fields[name].annotation)
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def format_validation_error(cls: type[StageSettings], err: ValidationError, config: Path | str | None = None) -> str:
     stage = stage_name(cls)
+    origin = f" (from --config {config})" if config else ""
     lines = [f"{len(err.errors())} problem(s) with the {stage} settings · 配置有误:"]
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
@@ -265,22 +306,38 @@ def format_validation_error(cls: type[StageSettings], err: ValidationError) -> s
             lines.append(f"  - {msg}")
             continue
         field = loc[0]
-        if field in cls.model_fields:
-            dotted = ".".join(loc)
-            flag = _flag("_".join(loc[:2]))
-            env = f"{ENV_PREFIX}{stage.upper().replace('-', '_')}_" + "__".join(p.upper() for p in loc[:2])
-            got = e.get("input")
-            got_s = "" if isinstance(got, dict) or got is None else f" (got {str(got)[:80]!r})"
-            lines.append(f"  - {dotted}: {msg}{got_s}. Set it with {flag} or {env}.")
-        else:
+        if field not in cls.model_fields:  # only a YAML file can bring an unknown top-level key
             lines.append(
-                f"  - {loc[0]}: not a {stage} setting. Remove it, or check the spelling; "
+                f"  - {field}: not a {stage} setting{origin}. Remove it, or check the spelling; "
                 f"`asr-ft {stage} --help` lists the settings."
             )
+            continue
+        # Flags and variables exist per field and per field of a nested model (--s3-endpoint-url), not per
+        # list item: tags.0 is set with --tags.
+        path = loc[:2] if len(loc) > 1 and _is_model_field(cls, field) else loc[:1]
+        dotted = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {dotted}: not a setting of {field}; remove it or check the spelling "
+                         f"(`asr-ft {stage} --help` lists them).")
+            continue
+        flag = _flag("_".join(path))
+        envs = [env_name(cls, "__".join(path))]
+        if field in COMMON_FIELDS:
+            envs.append(ENV_PREFIX + "__".join(p.upper() for p in path))
+        got = e.get("input")
+        if any(_SECRET_RE.search(p) for p in loc):
+            got_s = ""  # never echo a secret, not even a malformed one
+        else:
+            got_s = "" if isinstance(got, dict) or got is None else f" (got {str(got)[:80]!r})"
+        lines.append(f"  - {dotted}: {msg}{got_s}. Set it with {flag} or {' or '.join(envs)}.")
     return "\n".join(lines)
 
 
-_SECRET_RE = re.compile(r"(secret|password|token|access_key)", re.I)
+# A name is secret-looking when it ends in one of these words: hf_token, secret_access_key, db_password,
+# but not max_new_tokens, tokenizer or audio_tokens (those change results and must be fingerprinted).
+_SECRET_RE = re.compile(
+    r"(^|_)(secret|secret_key|password|passwd|token|api_key|access_key|access_key_id|credentials?)$", re.I
+)
 
 
 def redacted(settings: BaseModel) -> dict[str, Any]:

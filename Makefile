@@ -1,0 +1,51 @@
+# asr-ft — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch: this machine provides the 2.13 CPU wheel; override e.g. TORCH_SPEC='torch==2.11.*' for another build.
+TORCH_SPEC ?= torch==2.13.0
+APT_PACKAGES := espeak-ng sox libsndfile1
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup system-deps test test-slow test-gpu demo lint clean-demo e2e-containers
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+system-deps: ## install espeak-ng, sox, libsndfile through apt when missing
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(MAKE) --no-print-directory system-deps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv with everything (apt packages included)
+
+test: setup ## run the fast test suite (unit + integration; < 10 min on 2 cores)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=15
+
+test-slow: setup ## run the slow tests too
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "slow" --durations=15
+
+test-gpu: setup ## GPU tests (on a CUDA machine): pytest -m gpu tests/gpu
+	$(BIN)/pytest -q -m gpu tests/gpu
+
+demo: setup ## the built-in demo: Mandarin demo data → fine-tune whisper-base → report (runs/demo/)
+	HF_HUB_OFFLINE=1 $(BIN)/asr-ft run
+
+lint: setup ## ruff
+	$(BIN)/ruff check common jobs tests bench
+
+clean-demo: ## delete the demo's data and run folder
+	rm -rf demo_data runs/demo

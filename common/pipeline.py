@@ -1,0 +1,98 @@
+"""A pipeline: one YAML file that configures every step, and the environment contract each step runs with.
+
+    run_id: demo                 # common keys, passed to every step as ASRFT_<FIELD>
+    artifacts: runs/
+    run: {executor: local}       # the orchestrator's own settings
+    demo-data: {out: demo_data}  # optional first step: make demo speech
+    prepare: {train_csv: ..., audio_dir: ...}
+    extract: {}
+    pretrained: {model: "bundled:whisper-base"}
+    finetune: {...}
+    export: {...}
+    evaluate: {...}
+
+Every executor (local subprocesses, docker compose, Kubernetes Jobs) runs the same command,
+``asr-ft <step>``, with the same environment: ``ASRFT_<FIELD>`` for the common keys and
+``ASRFT_<STEP>_<FIELD>`` for each key of the step's section (JSON for lists and mappings). Values the user
+already set in the environment win over the file, as they do for a single stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from common.settings import COMMON_FIELDS, ENV_PREFIX, STAGES, SettingsError, load_yaml, yaml_section
+
+STEPS = ("demo-data", *STAGES)  # demo-data only when the file has that section
+DEMO_CONFIG = "demo.yaml"  # packaged with jobs/run
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("jobs.run") / DEMO_CONFIG))
+
+
+def load_pipeline(path: Path | None) -> dict[str, Any]:
+    data = load_yaml(path or demo_config_path())
+    for key in data:
+        if key not in COMMON_FIELDS and key.replace("_", "-") not in ("run", *STEPS, "score"):
+            raise SettingsError(
+                f"{path}: unknown top-level key {key!r}. Expected the common keys {list(COMMON_FIELDS)}, "
+                f"'run', and step sections {list(STEPS)}."
+            )
+    return data
+
+
+def steps_of(pipeline: dict[str, Any], only: list[str] | None = None) -> list[str]:
+    steps = [s for s in STEPS if s != "demo-data" or s in pipeline or "demo_data" in pipeline]
+    if only:
+        unknown = sorted(set(only) - set(steps))
+        if unknown:
+            raise SettingsError(f"--stages: unknown step(s) {unknown}; this pipeline has {steps}")
+        steps = [s for s in steps if s in only]
+    return steps
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def common_env(common: dict[str, Any], *, secrets: bool) -> dict[str, str]:
+    """ASRFT_<FIELD> for the orchestrator's resolved common values (CLI > env > file). S3 secrets only when
+    ``secrets`` (a local subprocess); containers get them from a Secret instead."""
+    env: dict[str, str] = {}
+    for key, value in common.items():
+        if value is None:
+            continue
+        if key == "s3":
+            for sub, v in value.items():
+                if v is None:
+                    continue
+                if hasattr(v, "get_secret_value"):
+                    if not secrets:
+                        continue
+                    v = v.get_secret_value()
+                env[f"{ENV_PREFIX}S3__{sub.upper()}"] = _env_value(v)
+        else:
+            env[f"{ENV_PREFIX}{key.upper()}"] = _env_value(value)
+    return env
+
+
+def section_env(pipeline: dict[str, Any], step: str) -> dict[str, str]:
+    """ASRFT_<STEP>_<FIELD> for each key of the step's section of the pipeline file."""
+    prefix = f"{ENV_PREFIX}{step.upper().replace('-', '_')}_"
+    section = {k: v for k, v in yaml_section(pipeline, step).items() if k not in COMMON_FIELDS}
+    return {prefix + k.upper(): _env_value(v) for k, v in section.items() if v is not None}
+
+
+def local_env(common: dict[str, Any], pipeline: dict[str, Any], step: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """A local step's process environment: file < user's environment < orchestrator's common values."""
+    base = dict(os.environ if base is None else base)
+    return {**section_env(pipeline, step), **base, **common_env(common, secrets=True)}
