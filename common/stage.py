@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common.settings import StageSettings, fingerprint_fields, redacted
-from common.store import Store, open_store, sha256_file
+from common.store import Store, StoreError, atomic_write_bytes, open_store, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ASRFT_CACHE") or Path.home() / ".cache" / "asr-ft")
 
 
+_LOG_HANDLER = "asr-ft"
+
+
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level), stream=sys.stderr, force=True,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S",
-    )
+    """One console handler on stderr at ``level``. Calling it again replaces that handler (and any plain
+    console handler, e.g. from basicConfig) but keeps the host's other handlers (files, pytest's caplog)."""
+    root = logging.getLogger()
+    consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    for h in list(root.handlers):
+        if h.get_name() == _LOG_HANDLER or (type(h) is logging.StreamHandler and h.stream in consoles):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_LOG_HANDLER)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level))
 
 
 @dataclass
@@ -70,6 +82,9 @@ class StageContext:
     run_prefix: str  # "<run-id>"
     out: Path  # local folder the stage writes into
     manifest_extra: dict[str, Any] = field(default_factory=dict)
+    # path → (size, mtime_ns, sha256) of files hashed so far, and key → (size, sha256) of files uploaded by sync()
+    _hashes: dict[Path, tuple[int, int, str]] = field(default_factory=dict, repr=False)
+    _synced: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)
 
     def key(self, *parts: str) -> str:
         """Store key inside this stage's folder."""
@@ -83,9 +98,25 @@ class StageContext:
         return stage_dir(self.store, self.run_prefix, stage)
 
     def sync(self) -> None:
-        """Upload what the stage wrote so far (no-op for a local store)."""
-        if self.store.local_path(self.key()) is None:
-            self.store.put_dir(self.out, self.key())
+        """Upload what the stage wrote so far (no-op for a local store). Files already uploaded by this
+        process with the same size and sha256 are not sent again, so calling it after each checkpoint is cheap."""
+        if self.store.local_path(self.key()) is not None:
+            return
+        for path in _output_files(self.out):
+            key = self.key(path.relative_to(self.out).as_posix())
+            digest = self.digest(path)
+            if self._synced.get(key) != digest:
+                self.store.put_file(path, key)
+                self._synced[key] = digest
+
+    def digest(self, path: Path) -> tuple[int, str]:
+        """(size, sha256) of a local file, hashed again only when its size or mtime changed."""
+        st = path.stat()
+        cached = self._hashes.get(path)
+        if cached is None or cached[:2] != (st.st_size, st.st_mtime_ns):
+            cached = (st.st_size, st.st_mtime_ns, sha256_file(path))
+            self._hashes[path] = cached
+        return cached[0], cached[2]
 
 
 def stage_dir(store: Store, run_prefix: str, stage: str) -> Path:
@@ -102,10 +133,21 @@ def stage_dir(store: Store, run_prefix: str, stage: str) -> Path:
         raise StageFailed(f"stage '{stage}' has not completed in {store.uri_for(prefix)}; run `asr-ft {stage}` first.")
     manifest = store.read_json(store.join(prefix, MANIFEST))
     dest = cache_dir() / "s3" / hashlib.sha256(store.uri_for(prefix).encode()).hexdigest()[:16] / stage
+    # The local copy keeps the manifest it was made from: a file is fresh when that manifest gave it the same
+    # sha256 (a redone upstream stage can write a file of the same size with other content).
+    try:
+        have = {o["path"]: o["sha256"] for o in json.loads((dest / MANIFEST).read_text())["outputs"]}
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        have = {}
+    wanted = {out["path"] for out in manifest["outputs"]}
     for out in manifest["outputs"]:
         path = dest / out["path"]
-        if not path.exists() or path.stat().st_size != out["size"]:
+        if not (path.exists() and path.stat().st_size == out["size"] and have.get(out["path"]) == out["sha256"]):
             store.get_file(store.join(prefix, out["path"]), path)
+    for path in _output_files(dest):  # files of an older version of that stage
+        if path.relative_to(dest).as_posix() not in wanted:
+            path.unlink()
+    atomic_write_bytes(dest / MANIFEST, json.dumps(manifest, ensure_ascii=False).encode())
     return dest
 
 
@@ -127,12 +169,17 @@ def upstream_fingerprint(store: Store, run_prefix: str, stage: str) -> str:
     return m["fingerprint"]
 
 
-def _outputs(out: Path) -> list[dict[str, Any]]:
-    return [
-        {"path": p.relative_to(out).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-    ]
+def _output_files(out: Path) -> list[Path]:
+    """A stage folder's outputs: every file but the manifest and hidden/temp files (".<name>.<random>.tmp")."""
+    return [p for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
+
+
+def _outputs(out: Path, ctx: StageContext) -> list[dict[str, Any]]:
+    rows = []
+    for p in _output_files(out):
+        size, sha = ctx.digest(p)
+        rows.append({"path": p.relative_to(out).as_posix(), "size": size, "sha256": sha})
+    return rows
 
 
 def run_stage(
@@ -157,8 +204,16 @@ def run_stage(
         local = store.local_path(store.join(settings.run_id, stage))
         if local is None:
             local = cache_dir() / "staging" / hashlib.sha256(settings.artifacts.encode()).hexdigest()[:16] / settings.run_id / stage
-        if old is not None:  # outdated: the manifest goes first so a half-redone stage never looks complete
+        if old is not None:
+            # Outdated (or --force): the manifest goes first so a half-redone stage never looks complete, then
+            # the old outputs, so none of them is listed in the new manifest. A stage that crashed (no
+            # manifest) keeps its files: the body may resume from them.
+            log.info("%s: redoing (%s); removing the previous outputs",
+                     stage, "--force" if settings.force and old.get("fingerprint") == fingerprint else "inputs or settings changed")
             store.delete_prefix(store.join(settings.run_id, stage, MANIFEST))
+            store.delete_prefix(store.join(settings.run_id, stage))
+            if store.local_path(store.join(settings.run_id, stage)) is None:
+                shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(stage, settings, store, settings.run_id, local)
         started = datetime.now(UTC)
@@ -171,7 +226,7 @@ def run_stage(
             "fingerprint": fingerprint,
             "settings": redacted(settings),
             "inputs": inputs,
-            "outputs": _outputs(local),
+            "outputs": _outputs(local, ctx),
             "summary": summary,
             "started": started.isoformat(timespec="seconds"),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -183,6 +238,8 @@ def run_stage(
         return EXIT_OK
     except StageFailed as e:
         return fail(stage, str(e), e.exit_code)
+    except StoreError as e:  # its message names the URI and what to check
+        return fail(stage, str(e), EXIT_FAILED)
     except KeyboardInterrupt:
         return fail(stage, "interrupted; re-run the same command to resume", 130)
 

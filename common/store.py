@@ -121,8 +121,10 @@ class Store:
         return keys
 
     def get_dir(self, prefix: str, local: Path) -> Path:
+        """Download every file under ``prefix`` into ``local``; files already there are kept as they are."""
+        base = prefix.strip("/")
         for key in self.list(prefix):
-            rel = key[len(prefix.rstrip("/")) + 1:]
+            rel = key[len(base) + 1:] if base else key
             dest = Path(local) / rel
             if not dest.exists():
                 self.get_file(key, dest)
@@ -178,7 +180,7 @@ class LocalStore(Store):
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".") and ".tmp" not in p.name
+            if p.is_file() and not p.name.startswith(".")  # temp files are ".<name>.<random>.tmp"
         )
 
     def delete_prefix(self, prefix: str) -> None:
@@ -219,33 +221,32 @@ class S3Store(Store):
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise self._wrap(e, key, "HEAD") from None
+        except _boto_errors() as e:
+            raise self._wrap(e, key, "HEAD") from None
 
     def read_bytes(self, key: str) -> bytes:
-        from botocore.exceptions import ClientError
-
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
-        except ClientError as e:
+        except _boto_errors() as e:
             raise self._wrap(e, key, "GET") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        from botocore.exceptions import ClientError
-
         try:  # a single PUT: the object appears whole or not at all
             self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
-        except ClientError as e:
+        except _boto_errors() as e:
             raise self._wrap(e, key, "PUT") from None
 
     def put_stream(self, stream: IO[bytes], key: str) -> None:
         """Multipart upload from a stream; aborted on any error, so no partial object is ever visible."""
-        from botocore.exceptions import ClientError
-
         k = self._k(key)
-        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=k)["UploadId"]
+        try:
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=k)["UploadId"]
+        except _boto_errors() as e:
+            raise self._wrap(e, key, "multipart upload") from None
         parts = []
         try:
             number = 1
-            while chunk := stream.read(CHUNK):
+            while chunk := _read_full(stream, CHUNK):
                 etag = self.client.upload_part(
                     Bucket=self.bucket, Key=k, UploadId=upload_id, PartNumber=number, Body=chunk
                 )["ETag"]
@@ -260,7 +261,7 @@ class S3Store(Store):
         except BaseException as e:
             with contextlib.suppress(Exception):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=k, UploadId=upload_id)
-            if isinstance(e, ClientError):
+            if isinstance(e, _boto_errors()):
                 raise self._wrap(e, key, "multipart upload") from None
             raise
 
@@ -273,12 +274,10 @@ class S3Store(Store):
                 self.put_stream(f, key)
 
     def get_file(self, key: str, local: Path) -> None:
-        from botocore.exceptions import ClientError
-
         with atomic_path(Path(local)) as tmp:
             try:
                 self.client.download_file(self.bucket, self._k(key), str(tmp))
-            except ClientError as e:
+            except _boto_errors() as e:
                 raise self._wrap(e, key, "download") from None
 
     def list(self, prefix: str = "") -> list[str]:
@@ -287,8 +286,11 @@ class S3Store(Store):
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+        except _boto_errors() as e:
+            raise self._wrap(e, prefix, "LIST") from None
         if prefix and not keys and self.exists(prefix):
             return [_check_key(prefix)]
         return sorted(keys)
@@ -297,7 +299,33 @@ class S3Store(Store):
         keys = self.list(prefix)
         for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": self._k(k)} for k in keys[i:i + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            try:
+                errors = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                ).get("Errors", [])
+            except _boto_errors() as e:
+                raise self._wrap(e, prefix, "DELETE") from None
+            if errors:  # Quiet mode reports only the keys that failed
+                raise StoreError(
+                    f"S3 DELETE under s3://{self.bucket}/{self._k(prefix)} failed for {len(errors)} key(s), e.g. "
+                    f"{errors[0].get('Key')}: {errors[0].get('Message')}. Check the credentials allow s3:DeleteObject."
+                )
+
+
+def _boto_errors() -> tuple[type[Exception], ...]:
+    """Errors of a request (ClientError) and of the client itself (no credentials, endpoint unreachable)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return ClientError, BotoCoreError
+
+
+def _read_full(stream: IO[bytes], size: int) -> bytes:
+    """Up to ``size`` bytes; fewer only at the end. Pipes and sockets return short reads, and S3 rejects a
+    non-final part under 5 MiB, so parts are filled up before they are sent."""
+    buf = bytearray()
+    while len(buf) < size and (data := stream.read(size - len(buf))):
+        buf += data
+    return bytes(buf)
 
 
 def make_s3_client(s3: S3Settings):
