@@ -56,7 +56,7 @@ def steps_of(pipeline: dict[str, Any], only: list[str] | None = None) -> list[st
     return steps
 
 
-def _env_value(value: Any) -> str:
+def env_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, dict)):
@@ -79,9 +79,9 @@ def common_env(common: dict[str, Any], *, secrets: bool) -> dict[str, str]:
                     if not secrets:
                         continue
                     v = v.get_secret_value()
-                env[f"{ENV_PREFIX}S3__{sub.upper()}"] = _env_value(v)
+                env[f"{ENV_PREFIX}S3__{sub.upper()}"] = env_value(v)
         else:
-            env[f"{ENV_PREFIX}{key.upper()}"] = _env_value(value)
+            env[f"{ENV_PREFIX}{key.upper()}"] = env_value(value)
     return env
 
 
@@ -89,7 +89,7 @@ def section_env(pipeline: dict[str, Any], step: str) -> dict[str, str]:
     """ASRFT_<STEP>_<FIELD> for each key of the step's section of the pipeline file."""
     prefix = f"{ENV_PREFIX}{step.upper().replace('-', '_')}_"
     section = {k: v for k, v in yaml_section(pipeline, step).items() if k not in COMMON_FIELDS}
-    return {prefix + k.upper(): _env_value(v) for k, v in section.items() if v is not None}
+    return {prefix + k.upper(): env_value(v) for k, v in section.items() if v is not None}
 
 
 def local_env(common: dict[str, Any], pipeline: dict[str, Any], step: str, base: dict[str, str] | None = None) -> dict[str, str]:

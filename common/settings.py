@@ -217,7 +217,8 @@ def build_parser(cls: type[StageSettings], *, prog: str, description: str, epilo
             for sub, sub_info in tp.model_fields.items():
                 group.add_argument(
                     _flag(f"{name}_{sub}"), dest=f"{name}.{sub}", metavar="VALUE",
-                    help=_help_for(cls, sub, sub_info, f"{ENV_PREFIX}{name.upper()}__{sub.upper()}"),
+                    help=_help_for(cls, sub, sub_info, f"{ENV_PREFIX}{name.upper()}__{sub.upper()}" if name in COMMON_FIELDS
+                                  else env_name(cls, f"{name}__{sub}")),
                 )
             continue
         kwargs: dict[str, Any] = {"dest": name, "help": _help_for(cls, name, info, env_name(cls, name))}

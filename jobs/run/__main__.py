@@ -4,8 +4,9 @@
     asr-ft run --config pipeline.yaml            # your pipeline file (see jobs/run/demo.yaml)
     asr-ft run --config pipeline.yaml --stages finetune --stages export --force
 
-Environment: ASRFT_RUN_EXECUTOR, ASRFT_RUN_STAGES, ASRFT_RUN_DRY_RUN, and the common ASRFT_ARTIFACTS,
-ASRFT_RUN_ID, ASRFT_LOG_LEVEL, ASRFT_S3__* which every step inherits.
+Environment: ASRFT_RUN_EXECUTOR, ASRFT_RUN_STAGES, ASRFT_RUN_DRY_RUN, ASRFT_RUN_K8S__<FIELD> (Kubernetes
+executor, e.g. ASRFT_RUN_K8S__NAMESPACE), and the common ASRFT_ARTIFACTS, ASRFT_RUN_ID, ASRFT_LOG_LEVEL,
+ASRFT_S3__* which every step inherits.
 
 Each step runs as its own process with exactly the environment a container gets (``asr-ft <step>`` with
 ASRFT_* variables; see common/pipeline.py). A step whose manifest matches its inputs and settings skips
@@ -27,6 +28,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from common.k8s import K8sSettings
 from common.pipeline import demo_config_path, load_pipeline, local_env, steps_of
 from common.settings import COMMON_FIELDS, SettingsError, StageSettings, build_parser, load_settings
 from common.stage import EXIT_BAD_INPUT, EXIT_OK, MANIFEST, setup_logging
@@ -49,6 +51,7 @@ class RunSettings(StageSettings):
     executor: Literal["local", "compose", "k8s"] = Field("local", description="where steps run")
     stages: list[str] | None = Field(None, description="run only these steps (default: all)", examples=["finetune"])
     dry_run: bool = Field(False, description="print what would run; run nothing")
+    k8s: K8sSettings = Field(default_factory=K8sSettings, description="Kubernetes executor (--executor k8s)")
 
 
 @dataclass
@@ -62,6 +65,7 @@ class StepResult:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(RunSettings, prog="asr-ft run", description=__doc__.strip(), epilog=EXAMPLES)
+    parser.add_argument("--namespace", dest="k8s.namespace", metavar="NS", help="same as --k8s-namespace")
     ns = vars(parser.parse_args(argv))
     config = ns.pop("config", None) or demo_config_path()
     try:

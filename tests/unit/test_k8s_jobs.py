@@ -1,0 +1,466 @@
+"""Kubernetes Job objects of the k8s executor (build_job), the plain manifests in k8s/, and `--dry-run`.
+
+Every object is checked against the Kubernetes OpenAPI schemas of two minor versions with kubernetes-validate
+in strict mode (unknown fields are errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from common import k8s as k8s_mod
+from common.k8s import (
+    ANNOTATION_RESOURCES,
+    K8sSettings,
+    PodResources,
+    build_job,
+    done_in_store,
+    finetune_resources,
+    job_name,
+    model_profile,
+)
+from common.pipeline import load_pipeline, steps_of
+from common.settings import S3Settings, SettingsError, load_settings
+from common.stage import MANIFEST, code_version
+from common.store import LocalStore
+from jobs.run.__main__ import RunSettings, main
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S_DIR = ROOT / "k8s"
+VERSIONS = ("1.30", "1.33")  # oldest and a recent minor version whose schemas kubernetes-validate ships
+DEMO_STEPS = ["demo-data", "prepare", "extract", "pretrained", "finetune", "export", "evaluate"]
+DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"runAsNonRoot": True, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+                      "capabilities": {"drop": ["ALL"]}}
+PLAN = PodResources(gpus=2, memory_request="40Gi", memory_limit="44Gi", shm_size="6Gi", cpu="12",
+                    node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    source="test plan")
+SECRET_VALUES = ("AKIA-ASRFT-TEST-KEY", "asr-ft-secret-never-in-a-job")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for var in list(os.environ):
+        if var.startswith(("ASRFT_", "AWS_", "KUBERNETES_")) or var == "KUBECONFIG":
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("ASRFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+
+def validate(obj: dict, versions=VERSIONS) -> None:
+    for version in versions:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def demo(**cli) -> tuple[dict, dict, K8sSettings]:
+    """The built-in demo pipeline, its common values (as `asr-ft run` resolves them) and k8s settings."""
+    from common.pipeline import demo_config_path
+
+    pipeline = load_pipeline(None)
+    settings = load_settings(RunSettings, cli, demo_config_path())
+    common = {k: getattr(settings, k) for k in ("artifacts", "run_id", "force", "log_level")}
+    common["force"] = None
+    common["s3"] = dict(settings.s3)
+    return pipeline, common, settings.k8s
+
+
+def container(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(job: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container(job).get("env", [])}
+
+
+# ------------------------------------------------------------------------------------------------ every Job
+
+
+@pytest.mark.parametrize("step", DEMO_STEPS)
+def test_job_for_each_demo_step(step):
+    pipeline, common, k8s = demo()
+    job = build_job(step, pipeline, common, k8s, PLAN)
+    validate(job)
+    name = f"asrft-demo-{step}"
+    assert job["metadata"]["name"] == name
+    labels = {"app.kubernetes.io/name": "asr-ft", "app.kubernetes.io/component": step,
+              "app.kubernetes.io/managed-by": "asr-ft", "asr-ft/run-id": "demo", "asr-ft/stage": step}
+    assert labels.items() <= job["metadata"]["labels"].items()
+    assert labels.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert (spec["backoffLimit"], spec["ttlSecondsAfterFinished"]) == (0, 86400)
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"] == POD_SECURITY
+    c = container(job)
+    assert c["securityContext"] == CONTAINER_SECURITY
+    assert c["command"] == ["asr-ft", step]
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    # read-only root filesystem: /tmp (holding ASRFT_CACHE) and the artifacts are the writable places
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["/tmp"] == "tmp" and "emptyDir" in volumes["tmp"]
+    assert volumes[mounts["/artifacts"]]["persistentVolumeClaim"] == {"claimName": "asr-ft-artifacts"}
+    assert c["workingDir"] == "/artifacts"
+    env = env_of(job)
+    assert env["ASRFT_ARTIFACTS"] == "/artifacts" and env["ASRFT_RUN_ID"] == "demo"
+    assert env["ASRFT_CACHE"].startswith("/tmp/") and env["HOME"] == "/tmp"
+    assert "ASRFT_FORCE" not in env
+    assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize("step, key, value", [
+    ("demo-data", "ASRFT_DEMO_DATA_N_TRAIN", "240"),
+    ("prepare", "ASRFT_PREPARE_TRAIN_CSV", "demo_data/train.csv"),
+    ("pretrained", "ASRFT_PRETRAINED_MODEL", "bundled:whisper-base"),
+    ("export", "ASRFT_EXPORT_QUANTIZATION", "int8"),
+])
+def test_step_section_becomes_its_env(step, key, value):
+    pipeline, common, k8s = demo()
+    env = env_of(build_job(step, pipeline, common, k8s, PLAN))
+    assert env[key] == value
+    assert not any(k.startswith("ASRFT_EVALUATE_") for k in env if step != "evaluate")
+
+
+def test_cpu_steps_get_no_gpu_and_no_plan():
+    pipeline, common, k8s = demo()
+    job = build_job("evaluate", pipeline, common, k8s, PLAN)
+    pod = job["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert "nvidia.com/gpu" not in container(job)["resources"]["limits"]
+    assert ANNOTATION_RESOURCES not in job["metadata"]["annotations"]
+    assert not container(job)["image"].endswith("-cuda")
+
+
+# ------------------------------------------------------------------------------------------------ training Job
+
+
+def test_training_job_takes_gpus_memory_and_shm_from_the_plan():
+    pipeline, common, k8s = demo(**{"k8s.gpu_node_selector": "pool=gpu",
+                                    "k8s.gpu_tolerations": '[{"key": "dedicated", "operator": "Equal", '
+                                                           '"value": "asr", "effect": "NoSchedule"}]'})
+    job = build_job("finetune", pipeline, common, k8s, PLAN)
+    validate(job)
+    c, pod = container(job), job["spec"]["template"]["spec"]
+    assert c["resources"] == {"requests": {"cpu": "12", "memory": "40Gi"},
+                              "limits": {"memory": "44Gi", "nvidia.com/gpu": "2"}}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "pool": "gpu"}
+    assert {"key": "dedicated", "operator": "Equal", "value": "asr", "effect": "NoSchedule"} in pod["tolerations"]
+    assert PLAN.tolerations[0] in pod["tolerations"]
+    shm = next(m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert next(v for v in pod["volumes"] if v["name"] == shm["name"])["emptyDir"] == \
+        {"medium": "Memory", "sizeLimit": "6Gi"}
+    assert c["image"] == f"ghcr.io/asr-ft/asr-ft:{code_version()}-cuda"
+    note = job["metadata"]["annotations"][ANNOTATION_RESOURCES]
+    assert note.startswith("resources from plan: 2 GPU, memory 40Gi request / 44Gi limit, /dev/shm 6Gi")
+    assert pod["securityContext"] == POD_SECURITY and c["securityContext"] == CONTAINER_SECURITY
+
+
+def test_training_resources_come_from_the_planner(tmp_path):
+    """finetune_resources runs common.planner with the model's real config and prepare's count from the store."""
+    from common import memory, planner
+
+    pipeline, common, k8s = demo(**{"k8s.gpus": "1", "k8s.gpu_memory_gb": "80", "k8s.gpu_node_memory_gb": "125"})
+    store = LocalStore(tmp_path / "pvc")
+    store.write_json("demo/prepare/stats.json", {"kept": {"train": 5000, "test": 40}})
+    config = k8s_mod.WHISPER_SHAPES["large-v3"]
+    store.write_json("demo/pretrained/model/config.json", config)
+    res = finetune_resources(pipeline, common, k8s, store)
+
+    node = planner.detect_resources(gpus=1, gpu_mem_bytes=80 * 10**9, host_ram_bytes=125 * 10**9, cpu_count=16,
+                                    gpu_name="", bf16_supported=True)
+    expected = planner.plan(memory.profile_from_hf_config(config, name="x"), n_train=5000, resources=node).pod
+    assert (res.gpus, res.memory_request, res.memory_limit, res.shm_size) == \
+        (expected.gpus, expected.memory_request, expected.memory_limit, expected.shm_size)
+    assert "5000 train utterances (prepare/stats.json)" in res.source
+    assert "shape from pretrained/model/config.json" in res.source
+
+    # Nothing in the store: the reference's shape (whisper-base) and the stated default count.
+    small = finetune_resources(pipeline, common, k8s, None)
+    assert f"{k8s_mod.DEFAULT_N_TRAIN} train utterances assumed" in small.source
+    assert "whisper-base shape" in small.source
+    gib = lambda q: int(q.removesuffix("Gi"))  # noqa: E731
+    assert gib(small.memory_limit) <= gib(res.memory_limit)
+
+
+@pytest.mark.parametrize("how", ["k8s.gpus=0", "finetune.device=cpu"])
+def test_cpu_only_training_has_no_gpu_request(how):
+    pipeline, common, k8s = demo(**({"k8s.gpus": "0"} if how == "k8s.gpus=0" else {}))
+    if how == "finetune.device=cpu":
+        pipeline["finetune"] = {"device": "cpu"}
+    res = finetune_resources(pipeline, common, k8s, None)
+    job = build_job("finetune", pipeline, common, k8s, res)
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    assert res.gpus == 0 and "nvidia.com/gpu" not in container(job)["resources"]["limits"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert not container(job)["image"].endswith("-cuda")
+
+
+def test_finetune_settings_reach_the_plan():
+    """The section's batch (the stage's name for it) and mode are the planner's requests."""
+    pipeline, common, k8s = demo()
+    pipeline["finetune"] = {"batch": 4, "mode": "lora"}
+    res = finetune_resources(pipeline, common, k8s, None)
+    assert "lora, plain, batch 4" in res.source
+
+
+def test_memory_override_wins_over_the_plan():
+    pipeline, common, k8s = demo(**{"k8s.memory": '{"finetune": "300Gi"}'})
+    res = finetune_resources(pipeline, common, k8s, None)
+    assert (res.memory_request, res.memory_limit) == ("300Gi", "300Gi")
+    assert "k8s.memory.finetune=300Gi" in res.source
+
+
+@pytest.mark.parametrize("ref, shape", [
+    ("bundled:whisper-base", "whisper-base"),
+    ("hf://openai/whisper-small@main", "whisper-small"),
+    ("hf://openai/whisper-large-v3", "whisper-large-v3"),
+    ("hf://openai/whisper-large-v3-turbo", "whisper-large-v3-turbo"),
+    ("s3://models/whisper-medium/", "whisper-medium"),
+    ("/models/my-asr", "whisper-large-v3"),  # names no size: the largest, so memory is not short
+])
+def test_model_profile_from_the_reference(ref, shape):
+    profile, note = model_profile(ref, None)
+    assert profile.name == shape
+    assert ("names no Whisper size" in note) == (ref == "/models/my-asr")
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+
+@pytest.mark.parametrize("run_id, step, expected", [
+    ("demo", "prepare", "asrft-demo-prepare"),
+    ("exp-2026-11-25", "demo-data", "asrft-exp-2026-11-25-demo-data"),
+    ("Exp_1", "finetune", r"asrft-exp-1-finetune-[0-9a-f]{6}"),  # changed to fit: hash keeps it distinct
+    ("a" * 63, "evaluate", r"asrft-a{41}-evaluate-[0-9a-f]{6}"),  # shortened to 63 characters
+])
+def test_job_names(run_id, step, expected):
+    name = job_name(run_id, step)
+    assert re.fullmatch(expected, name), name
+    assert len(name) <= 63 and DNS_1123_LABEL.match(name)
+
+
+@pytest.mark.parametrize("a, b", [("a_b", "a-b"), ("A.b", "a-b"), ("x" * 60 + "1", "x" * 60 + "2")])
+def test_distinct_run_ids_get_distinct_job_names(a, b):
+    assert job_name(a, "finetune") != job_name(b, "finetune")
+
+
+# ------------------------------------------------------------------------------------------------ S3
+
+
+def test_s3_credentials_only_through_the_secret():
+    pipeline = load_pipeline(None)
+    s3 = S3Settings(endpoint_url="http://minio:9000", access_key_id=SecretStr(SECRET_VALUES[0]),
+                    secret_access_key=SecretStr(SECRET_VALUES[1]))
+    common = {"artifacts": "s3://bucket/runs", "run_id": "demo", "log_level": "INFO", "s3": dict(s3)}
+    k8s = K8sSettings(s3_secret="asr-ft-s3", pvc="")
+    for step in DEMO_STEPS:
+        job = build_job(step, pipeline, common, k8s, PLAN)
+        validate(job)
+        text = json.dumps(job)
+        assert not any(secret in text for secret in SECRET_VALUES)
+        assert container(job)["envFrom"] == [{"secretRef": {"name": "asr-ft-s3"}}]
+        env = env_of(job)
+        assert env["ASRFT_ARTIFACTS"] == "s3://bucket/runs"
+        assert env["ASRFT_S3__ENDPOINT_URL"] == "http://minio:9000"
+        assert not any("KEY" in k or "SECRET" in k for k in env)
+        assert all("persistentVolumeClaim" not in v for v in job["spec"]["template"]["spec"]["volumes"])
+
+
+def test_dry_run_never_prints_s3_secrets(monkeypatch, capsys):
+    monkeypatch.setenv("ASRFT_S3__SECRET_ACCESS_KEY", SECRET_VALUES[1])
+    assert main(["--executor", "k8s", "--dry-run", "--artifacts", "s3://bucket/runs",
+                 "--k8s-s3-secret", "asr-ft-s3"]) == 0
+    out, err = capsys.readouterr()
+    assert SECRET_VALUES[1] not in out + err
+    assert out.count("name: asr-ft-s3") == len(DEMO_STEPS)
+
+
+def test_local_artifacts_need_a_pvc(capsys):
+    assert main(["--executor", "k8s", "--dry-run", "--k8s-pvc", ""]) == 2
+    assert "--k8s-pvc" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ --dry-run
+
+
+def _no_cluster(*args, **kwargs):
+    raise AssertionError("--dry-run must not contact a cluster")
+
+
+def test_dry_run_prints_one_job_per_step(monkeypatch, capsys):
+    monkeypatch.setattr(k8s_mod, "connect", _no_cluster)
+    assert main(["--executor", "k8s", "--dry-run"]) == 0
+    jobs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert [j["metadata"]["name"] for j in jobs] == [f"asrft-demo-{s}" for s in DEMO_STEPS]
+    assert [container(j)["command"] for j in jobs] == [["asr-ft", s] for s in DEMO_STEPS]
+    assert all("namespace" not in j["metadata"] for j in jobs)  # left to `kubectl apply -n`
+    for job in jobs:
+        validate(job)
+    finetune = jobs[DEMO_STEPS.index("finetune")]
+    assert container(finetune)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert finetune["metadata"]["annotations"][ANNOTATION_RESOURCES].startswith("resources from plan:")
+
+
+def test_dry_run_with_a_config_namespace_and_steps(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(k8s_mod, "connect", _no_cluster)
+    config = tmp_path / "p.yaml"
+    config.write_text("run_id: exp1\nartifacts: runs/\nprepare: {train_csv: a.csv, audio_dir: audio}\n"
+                      "finetune: {epochs: 3}\nrun: {k8s: {backoff_limit: 2, image: registry.local/asr:1}}\n")
+    assert main(["--config", str(config), "--executor", "k8s", "--dry-run", "--namespace", "speech",
+                 "--stages", "prepare", "--stages", "finetune"]) == 0
+    jobs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert [j["metadata"]["name"] for j in jobs] == ["asrft-exp1-prepare", "asrft-exp1-finetune"]
+    assert all(j["metadata"]["namespace"] == "speech" and j["spec"]["backoffLimit"] == 2 for j in jobs)
+    assert [container(j)["image"] for j in jobs] == ["registry.local/asr:1", "registry.local/asr:1-cuda"]
+    assert env_of(jobs[1])["ASRFT_FINETUNE_EPOCHS"] == "3"
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def test_k8s_settings_from_env_and_flags(monkeypatch):
+    monkeypatch.setenv("ASRFT_RUN_K8S__NAMESPACE", "from-env")
+    monkeypatch.setenv("ASRFT_RUN_K8S__GPU_NODE_SELECTOR", '{"pool": "a100"}')
+    k8s = load_settings(RunSettings, {"k8s.cpu": "evaluate=8", "k8s.image_pull_secrets": "regcred,other"}).k8s
+    assert (k8s.namespace, k8s.gpu_node_selector, k8s.cpu) == ("from-env", {"pool": "a100"}, {"evaluate": "8"})
+    assert k8s.image_pull_secrets == ["regcred", "other"]
+
+
+@pytest.mark.parametrize("cli, problem", [
+    ({"k8s.memory": "evaluat=8Gi"}, "unknown step 'evaluat'"),
+    ({"k8s.memory": "evaluate=8GB"}, "not a Kubernetes quantity"),
+    ({"k8s.gpu_tolerations": "[{bad"}, "not valid JSON"),
+    ({"k8s.mount_path": "artifacts"}, "absolute path"),
+])
+def test_bad_k8s_settings_say_what_to_fix(cli, problem):
+    with pytest.raises(SettingsError, match=re.escape(problem)):
+        load_settings(RunSettings, cli)
+
+
+# ------------------------------------------------------------------------------------------------ skipping
+
+
+@pytest.mark.parametrize("manifest, pipeline_change, skipped", [
+    ({"settings": {"quantization": "int8"}}, None, True),
+    ({"settings": {"quantization": "int8"}}, {"quantization": "float16"}, False),  # settings changed
+    ({"settings": {"quantization": "int8"}, "code_version": "0.0.0-old"}, None, False),  # other code
+    (None, None, False),  # never ran
+])
+def test_done_in_store(tmp_path, manifest, pipeline_change, skipped):
+    store = LocalStore(tmp_path)
+    pipeline = load_pipeline(None)
+    if pipeline_change:
+        pipeline["export"] = pipeline_change
+    if manifest is not None:
+        store.write_json(f"demo/export/{MANIFEST}", {"code_version": code_version(), "finished": "now", **manifest})
+    assert (done_in_store(store, "demo", "export", pipeline) is not None) == skipped
+
+
+def test_demo_data_has_no_manifest_so_it_is_never_done_by_itself(tmp_path):
+    assert done_in_store(LocalStore(tmp_path), "demo", "demo-data", load_pipeline(None)) is None
+
+
+# ------------------------------------------------------------------------------------------------ k8s/
+
+
+def manifests() -> list[tuple[str, int, dict]]:
+    out = []
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
+            if doc:
+                out.append((path.name, i, doc))
+    return out
+
+
+def test_k8s_folder_has_the_documented_files():
+    names = {p.name for p in K8S_DIR.glob("*.yaml")}
+    assert names == {"pvc.yaml", "rbac.yaml", "configmap.yaml", "secret.example.yaml", "pipeline-job.yaml",
+                     "finetune-job.yaml"}
+    for path in K8S_DIR.glob("*.yaml"):
+        assert path.read_text().startswith("# "), f"{path.name}: starts with a comment saying how to use it"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name, index, doc", manifests(), ids=lambda v: v if isinstance(v, str) else None)
+def test_k8s_manifests_validate(name, index, doc, version):
+    kubernetes_validate.validate(doc, version, strict=True)
+
+
+def by_kind() -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for _, _, d in manifests()}
+
+
+def test_rbac_allows_only_what_the_executor_does():
+    role = by_kind()[("Role", "asr-ft-orchestrator")]
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+    assert rules == {(("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
+                     (("",), ("pods",)): {"get", "list", "watch"},
+                     (("",), ("pods/log",)): {"get"}}
+    binding = by_kind()[("RoleBinding", "asr-ft-orchestrator")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "asr-ft"}]
+    assert ("ServiceAccount", "asr-ft") in by_kind()
+
+
+def test_pipeline_job_and_configmap_fit_together():
+    objs = by_kind()
+    job = objs[("Job", "asr-ft-pipeline")]
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["serviceAccountName"] == "asr-ft"
+    assert c["command"] == ["asr-ft", "run", "--config", "/config/pipeline.yaml", "--executor", "k8s"]
+    assert pod["securityContext"] == POD_SECURITY and c["securityContext"] == CONTAINER_SECURITY
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert volumes[mounts["/config"]]["configMap"]["name"] == "asr-ft-pipeline"
+    claim = volumes[mounts["/artifacts"]]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in objs
+
+    # The ConfigMap's pipeline is a valid pipeline for the k8s executor, on that PVC and mount.
+    config = Path("pipeline.yaml")
+    config.write_text(objs[("ConfigMap", "asr-ft-pipeline")]["data"]["pipeline.yaml"])
+    settings = load_settings(RunSettings, {}, config)
+    assert settings.executor == "k8s" and settings.artifacts == "/artifacts"
+    assert (settings.k8s.pvc, settings.k8s.mount_path) == (claim, "/artifacts")
+    assert steps_of(load_pipeline(config)) == DEMO_STEPS
+
+
+def test_dry_run_of_the_configmap_pipeline_validates(monkeypatch, capsys):
+    monkeypatch.setattr(k8s_mod, "connect", _no_cluster)
+    Path("pipeline.yaml").write_text(by_kind()[("ConfigMap", "asr-ft-pipeline")]["data"]["pipeline.yaml"])
+    assert main(["--config", "pipeline.yaml", "--dry-run"]) == 0  # executor k8s comes from the file
+    jobs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert len(jobs) == len(DEMO_STEPS)
+    for job in jobs:
+        validate(job)
+        assert env_of(job)["ASRFT_ARTIFACTS"] == "/artifacts"
+
+
+def test_standalone_finetune_job_matches_the_executors():
+    """k8s/finetune-job.yaml keeps the executor's contract: same security, command, volumes, GPU request."""
+    manual = by_kind()[("Job", "asr-ft-finetune")]
+    pipeline, common, k8s = demo()
+    built = build_job("finetune", pipeline, common, k8s, finetune_resources(pipeline, common, k8s, None))
+    mc, bc = container(manual), container(built)
+    mp, bp = manual["spec"]["template"]["spec"], built["spec"]["template"]["spec"]
+    for key in ("securityContext", "restartPolicy", "automountServiceAccountToken", "nodeSelector", "tolerations"):
+        assert mp[key] == bp[key], key
+    for key in ("securityContext", "command", "workingDir", "terminationMessagePath", "volumeMounts"):
+        assert mc[key] == bc[key], key
+    assert [v["name"] for v in mp["volumes"]] == [v["name"] for v in bp["volumes"]]
+    shm = {v["name"]: v for v in mp["volumes"]}["dshm"]["emptyDir"]
+    assert shm["medium"] == "Memory" and shm["sizeLimit"]
+    assert mc["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert mc["resources"]["limits"]["memory"] == bc["resources"]["limits"]["memory"]  # the plan's for the demo
+    assert {"ASRFT_ARTIFACTS", "ASRFT_RUN_ID", "ASRFT_CACHE", "HOME"} <= env_of(manual).keys()
+    assert mc["image"] == f"ghcr.io/asr-ft/asr-ft:{code_version()}-cuda"
