@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.16,<1"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -49,3 +50,10 @@ lint: setup ## ruff
 
 clean-demo: ## delete the demo's data and run folder
 	rm -rf demo_data runs/demo
+
+.PHONY: image
+image: ## build the CPU image with podman (IMAGE=…, BASE_IMAGE=…, TORCH_SPEC=…; see images/README.md)
+	PYTHON=$(BIN)/python scripts/e2e-containers.sh build
+
+e2e-containers: setup ## podman: build the CPU image on a local Debian base, run a tiny pipeline in containers
+	PYTHON=$(BIN)/python scripts/e2e-containers.sh

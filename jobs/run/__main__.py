@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from common.compose import ComposeSettings
 from common.k8s import K8sSettings
 from common.pipeline import demo_config_path, load_pipeline, local_env, steps_of
 from common.settings import COMMON_FIELDS, SettingsError, StageSettings, build_parser, load_settings
@@ -52,6 +53,7 @@ class RunSettings(StageSettings):
     stages: list[str] | None = Field(None, description="run only these steps (default: all)", examples=["finetune"])
     dry_run: bool = Field(False, description="print what would run; run nothing")
     k8s: K8sSettings = Field(default_factory=K8sSettings, description="Kubernetes executor (--executor k8s)")
+    compose: ComposeSettings = Field(default_factory=ComposeSettings, description="compose executor (--executor compose)")
 
 
 @dataclass
