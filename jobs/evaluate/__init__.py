@@ -1,0 +1,606 @@
+"""The evaluate stage: transcribe test sets with each model under one set of decoding settings, then score.
+
+    plan = plan_evaluation(settings, store)   # which models and sets (no model is loaded, no audio read)
+    summary = evaluate(ctx, plan)             # transcribe, score, write the outputs
+
+Models: ``--model NAME=REF`` (repeatable; REF is anything ``asr-ft pretrained`` accepts, or an export
+folder in Hugging Face or CTranslate2 format). Without it, inside a pipeline run: ``pretrained`` =
+``<run>/pretrained/model`` and ``finetuned`` = ``<run>/export/ct2`` (each when that stage has completed).
+The first model is the baseline the report compares the others with.
+
+Sets: ``--test-jsonl F`` (records, e.g. prepare's test.jsonl) or ``--test-csv F --test-audio-dir D`` named
+``--set-name``; several sets with ``sets`` in YAML::
+
+    evaluate:
+      sets:
+        - {name: test, jsonl: "run:prepare/test.jsonl"}        # a file of this run
+        - {name: real-zh-dev, csv: ../shared/data/real-zh-dev/transcripts.csv,
+           audio_dir: ../shared/data/real-zh-dev/audio, optional: true}
+
+Without any set: the run's ``prepare/test.jsonl`` as ``test``. In every case the real Mandarin dev set is
+added as ``real-zh-dev`` when it is found (``$ASRFT_REAL_ZH_DEV``, else ``<repo>/../shared/data/real-zh-dev``)
+unless ``--no-real-zh-dev``. CSV sets go through prepare's checks; bad rows are reported in
+``rejected.jsonl`` and the report, and never stop the stage.
+
+Outputs in ``<artifacts>/<run-id>/evaluate/``: ``predictions.jsonl`` (one line per model × utterance:
+id, reference, hypothesis, model, set, duration, decode_seconds, normalized texts, CER), ``metrics.json``
+(``{model: {set: {cer, wer, exact, similarity, n, audio_seconds, rtf, …}}}``), ``report.md``,
+``report.html``, ``run_info.json`` (decoding settings, engines, throughput, model sources) and
+``rejected.jsonl``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+from tqdm import tqdm
+
+from common.models import (
+    ModelRef,
+    ModelRefError,
+    convert_ct2_to_hf,
+    fetch_model,
+    folder_fingerprint,
+    folder_format,
+    folder_format_or_none,
+    listing_fingerprint,
+    parse_model_ref,
+    ref_fingerprint,
+)
+from common.records import audio_location, iter_jsonl, transcript
+from common.settings import StageSettings
+from common.stage import StageContext, StageFailed, cache_dir, stage_dir, upstream_fingerprint
+from common.store import Store, atomic_write_bytes, sha256_file
+from common.transcribe import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_TARGET_POSITIONS,
+    CT2Engine,
+    DecodeOptions,
+    HFEngine,
+    Utterance,
+    transcribe_utterances,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+RUN_FILE_PREFIX = "run:"  # "run:prepare/test.jsonl" = a file of another stage of this run
+REAL_ZH_DEV = "real-zh-dev"
+REAL_ZH_DEV_ENV = "ASRFT_REAL_ZH_DEV"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CT2_CACHE_QUANTIZATION = "float32"  # HF → CT2 conversions for evaluation keep every weight; compute_type decides
+BATCH_SIZE = {"cpu": 8, "cuda": 32}  # CPU: no gain beyond ~8 on a few cores; GPU: 32 clips of 30 s in bf16 fit easily
+COMPUTE_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
+
+
+def real_zh_dev_dir() -> Path:
+    """Where the real Mandarin dev set lives: $ASRFT_REAL_ZH_DEV, else <repo root>/../shared/data/real-zh-dev."""
+    return Path(os.environ.get(REAL_ZH_DEV_ENV) or REPO_ROOT.parent / "shared" / "data" / REAL_ZH_DEV)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+class SetSpec(BaseModel):
+    """One test set: records JSONL, or a transcript CSV + audio folder (checked like prepare's input)."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="set name in metrics and reports")
+    jsonl: str | None = Field(None, description="records JSONL; run:prepare/test.jsonl = a file of this run")
+    csv: str | None = Field(None, description="transcript CSV (audio id + text)")
+    audio_dir: str | None = Field(None, description="folder with the CSV's audio files")
+    optional: bool = Field(False, description="skip the set with a warning when its files are missing")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SetSpec:
+        if bool(self.jsonl) == bool(self.csv):
+            raise ValueError(f"set {self.name!r}: give either jsonl (records) or csv + audio_dir, exactly one")
+        if self.csv and not self.audio_dir:
+            raise ValueError(f"set {self.name!r}: csv needs audio_dir (the folder holding its audio files)")
+        if self.audio_dir and not self.csv:
+            raise ValueError(f"set {self.name!r}: audio_dir is given without csv")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> dict[str, Any]:
+        """``NAME=FILE.jsonl`` or ``NAME=FILE.csv,AUDIO_DIR`` (the flag/env form of one set)."""
+        name, sep, source = text.partition("=")
+        if not sep or not source:
+            raise ValueError(f"set {text!r}: expected NAME=FILE.jsonl or NAME=FILE.csv,AUDIO_DIR")
+        if "," in source:
+            csv_path, audio_dir = source.split(",", 1)
+            return {"name": name.strip(), "csv": csv_path.strip(), "audio_dir": audio_dir.strip()}
+        return {"name": name.strip(), "jsonl": source.strip()}
+
+
+def parse_model_arg(text: str) -> tuple[str, ModelRef]:
+    """``NAME=REF`` → (name, parsed ref); ValueError with the accepted forms otherwise."""
+    name, sep, ref = text.partition("=")
+    name = name.strip()
+    if not sep or not re.match(NAME_PATTERN, name):
+        raise ValueError(f"--model {text!r}: expected NAME=REF with NAME made of letters, digits, '.', '_' or '-' "
+                         f"(e.g. pretrained=runs/demo/pretrained/model or finetuned=runs/demo/export/ct2)")
+    try:
+        return name, parse_model_ref(ref)
+    except ModelRefError as e:
+        raise ValueError(f"--model {text!r}: {e}") from None
+
+
+class EvaluateSettings(StageSettings):
+    model_config = SettingsConfigDict(env_prefix="ASRFT_EVALUATE_")
+
+    model: list[str] = Field(
+        default_factory=list,
+        description="NAME=REF of a model to evaluate (REF: bundled:, hf://, s3://, a folder, an export folder); "
+                    "default in a run: pretrained=<run>/pretrained/model, finetuned=<run>/export/ct2",
+        examples=["pretrained=bundled:whisper-base", "finetuned=runs/demo/export/ct2"],
+    )
+    test_jsonl: str | None = Field(None, description="test records JSONL (e.g. a prepare test.jsonl)",
+                                   examples=["runs/demo/prepare/test.jsonl"])
+    test_csv: str | None = Field(None, description="test transcript CSV (checked like prepare's)",
+                                 examples=["data/answers.csv"])
+    test_audio_dir: str | None = Field(None, description="folder with --test-csv's audio", examples=["data/test_audio"])
+    set_name: str = Field("test", pattern=NAME_PATTERN, description="name of the --test-jsonl/--test-csv set")
+    sets: list[SetSpec] = Field(
+        default_factory=list,
+        description="several test sets: NAME=FILE.jsonl or NAME=FILE.csv,AUDIO_DIR (YAML: list of "
+                    "{name, jsonl | csv + audio_dir, optional})",
+        examples=["dev=data/dev.jsonl", "real=data/real.csv,data/real_audio"],
+    )
+    real_zh_dev: bool = Field(True, description=f"also score the real Mandarin dev set when found (${REAL_ZH_DEV_ENV}, "
+                                                "else ../shared/data/real-zh-dev next to the repo)")
+    backend: Literal["auto", "ct2", "hf"] = Field(
+        "auto", description="ct2 = CTranslate2 (CPU default), hf = transformers generate (GPU default; bf16)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    compute_type: Literal[COMPUTE_TYPES] = Field(  # type: ignore[valid-type]
+        "float32", description="CTranslate2 compute type, the same for every model. float32 reproduces the "
+                               "transformers output token for token (int8 measured no faster on an AVX2 CPU)")
+    beam_size: int = Field(1, ge=1, le=16, description="1 = greedy decoding")
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_TARGET_POSITIONS - 4,
+                                description="most tokens decoded per utterance")
+    batch_size: int = Field(0, ge=0, description="utterances per batch (0 = 8 on CPU, 32 on GPU)")
+    threads: int = Field(0, ge=0, description="CPU threads for CTranslate2 (0 = every core this process may use)")
+    title: str = Field("ASR evaluation · 语音识别评估", description="report title")
+
+    @field_validator("model")
+    @classmethod
+    def _models(cls, values: list[str]) -> list[str]:
+        names = [parse_model_arg(v)[0] for v in values]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model name(s) {dupes} used twice; give each --model a different NAME")
+        return values
+
+    @field_validator("sets", mode="before")
+    @classmethod
+    def _set_strings(cls, values: Any) -> Any:
+        if isinstance(values, str):
+            values = [values]
+        return [SetSpec.parse(v) if isinstance(v, str) else v for v in values or []]
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateSettings:
+        problems = []
+        if self.test_jsonl and self.test_csv:
+            problems.append("--test-jsonl and --test-csv are both given; use one (or list several sets in `sets`)")
+        if self.test_csv and not self.test_audio_dir:
+            problems.append("--test-csv needs --test-audio-dir (the folder holding its audio files)")
+        if self.test_audio_dir and not self.test_csv:
+            problems.append("--test-audio-dir is given without --test-csv")
+        names = [s.name for s in self.sets] + ([self.set_name] if self.test_jsonl or self.test_csv else [])
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"set name(s) {dupes} used twice; give each set a different name (--set-name)")
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return self
+
+    def set_specs(self) -> list[SetSpec]:
+        specs = list(self.sets)
+        if self.test_jsonl:
+            specs.append(SetSpec(name=self.set_name, jsonl=self.test_jsonl))
+        elif self.test_csv:
+            specs.append(SetSpec(name=self.set_name, csv=self.test_csv, audio_dir=self.test_audio_dir))
+        return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: which models and sets (cheap; decides the fingerprint)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    ref: ModelRef
+    fingerprint: Any
+
+
+@dataclass
+class SetEntry:
+    spec: SetSpec
+    path: Path  # the JSONL or CSV
+    audio_dir: Path | None
+    fingerprint: Any
+
+
+@dataclass
+class Plan:
+    models: list[ModelEntry] = field(default_factory=list)
+    sets: list[SetEntry] = field(default_factory=list)
+    skipped_sets: list[str] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return {"models": {m.name: {"ref": m.ref.raw, "fingerprint": m.fingerprint} for m in self.models},
+                "sets": {s.spec.name: s.fingerprint for s in self.sets}}
+
+
+def _run_stage_folder(store: Store, run_id: str, stage: str) -> tuple[Path, str] | None:
+    """(local folder, fingerprint) of a completed stage of this run, else None."""
+    try:
+        return stage_dir(store, run_id, stage), upstream_fingerprint(store, run_id, stage)
+    except StageFailed:
+        return None
+
+
+def _default_models(store: Store, run_id: str) -> list[ModelEntry]:
+    models = []
+    for name, stage, sub in (("pretrained", "pretrained", ("model",)), ("finetuned", "export", ("ct2", "model"))):
+        found = _run_stage_folder(store, run_id, stage)
+        if found is None:
+            log.info("evaluate: no completed '%s' stage in run '%s'; model '%s' not evaluated", stage, run_id, name)
+            continue
+        folder, fingerprint = found
+        path = next((folder / s for s in sub if folder_format_or_none(folder / s)), None)
+        if path is None:
+            raise StageFailed(f"{folder}: the '{stage}' stage completed but holds no model in {' or '.join(sub)}/; "
+                              f"re-run it with --force")
+        models.append(ModelEntry(name, parse_model_ref(str(path)), {"stage": stage, "fingerprint": fingerprint}))
+    if not models:
+        raise StageFailed(f"no model to evaluate: run '{run_id}' has no completed pretrained/export stage. Pass "
+                          f"--model NAME=REF (e.g. --model pretrained=bundled:whisper-base), or run "
+                          f"`asr-ft pretrained` first.", exit_code=2)
+    return models
+
+
+def _model_fingerprint(ref: ModelRef) -> Any:
+    if ref.kind == "path" and not Path(ref.location).expanduser().is_dir():
+        raise StageFailed(f"--model {ref.raw}: no such folder. Expected an HF or CTranslate2 model folder, an "
+                          f"export folder, bundled:whisper-base, hf://org/name or s3://bucket/prefix.", exit_code=2)
+    return ref_fingerprint(ref)
+
+
+def _file_fingerprint(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _set_entry(spec: SetSpec, store: Store, run_id: str) -> SetEntry | None:
+    """Resolve a set's files; None (logged) for a missing optional set."""
+    if spec.jsonl and spec.jsonl.startswith(RUN_FILE_PREFIX):
+        rel = Path(spec.jsonl[len(RUN_FILE_PREFIX):])
+        stage = rel.parts[0] if rel.parts else ""
+        found = _run_stage_folder(store, run_id, stage)
+        if found is None:
+            if spec.optional:
+                log.warning("evaluate: set %r skipped: stage %r has not completed in run %r", spec.name, stage, run_id)
+                return None
+            raise StageFailed(f"set {spec.name!r}: {spec.jsonl} needs the '{stage}' stage of run '{run_id}'; run "
+                              f"`asr-ft {stage}` first or give a file path", exit_code=2)
+        path = found[0] / Path(*rel.parts[1:])
+        return SetEntry(spec, path, None, {"stage": stage, "fingerprint": found[1], "file": str(rel)})
+    path = Path(spec.jsonl or spec.csv).expanduser()
+    audio_dir = Path(spec.audio_dir).expanduser() if spec.audio_dir else None
+    missing = [str(p) for p in (path, audio_dir) if p is not None and not p.exists()]
+    if missing:
+        if spec.optional:
+            log.warning("evaluate: set %r skipped: %s not found", spec.name, ", ".join(missing))
+            return None
+        raise StageFailed(f"set {spec.name!r}: {', '.join(missing)} not found; check the path (relative paths are "
+                          f"relative to {Path.cwd()})", exit_code=2)
+    fingerprint: dict[str, Any] = {"file": _file_fingerprint(path)}
+    if audio_dir is not None:
+        fingerprint["audio"] = listing_fingerprint(audio_dir)
+    return SetEntry(spec, path, audio_dir, fingerprint)
+
+
+def plan_evaluation(settings: EvaluateSettings, store: Store) -> Plan:
+    """Models and sets to evaluate, with their fingerprints. Loads no model and reads no audio."""
+    plan = Plan()
+    if settings.model:
+        for text in settings.model:
+            name, ref = parse_model_arg(text)
+            plan.models.append(ModelEntry(name, ref, _model_fingerprint(ref)))
+    else:
+        plan.models = _default_models(store, settings.run_id)
+    specs = settings.set_specs()
+    if not specs:
+        specs = [SetSpec(name="test", jsonl=RUN_FILE_PREFIX + "prepare/test.jsonl", optional=True)]
+    if settings.real_zh_dev and REAL_ZH_DEV not in {s.name for s in specs}:
+        root = real_zh_dev_dir()
+        specs.append(SetSpec(name=REAL_ZH_DEV, csv=str(root / "transcripts.csv"), audio_dir=str(root / "audio"),
+                             optional=True))
+    for spec in specs:
+        entry = _set_entry(spec, store, settings.run_id)
+        if entry is None:
+            plan.skipped_sets.append(spec.name)
+        else:
+            plan.sets.append(entry)
+    if not plan.sets:
+        raise StageFailed("no test set to evaluate on: pass --test-jsonl FILE, or --test-csv FILE --test-audio-dir "
+                          "DIR, or run `asr-ft prepare` with a test split first", exit_code=2)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the sets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedSet:
+    name: str
+    utterances: list[Utterance]
+    rejected: list[dict[str, Any]]
+
+
+def _jsonl_set(entry: SetEntry) -> LoadedSet:
+    """Records JSONL → utterances; ``audio_path`` is relative to the run folder (the JSONL's grandparent when it
+    sits in <run>/<stage>/), else the audio message's URI/path is used."""
+    run_dir = entry.path.parent.parent
+    utterances, rejected = [], []
+    for n, rec in enumerate(iter_jsonl(entry.path), 1):
+        bad = {"set": entry.spec.name, "file": str(entry.path), "line": n, "id": rec.get("id")}
+        try:
+            where = audio_location(rec, run_dir)
+            if not Path(where).is_file():
+                where = audio_location(rec, None)
+            utterance = Utterance(str(rec["id"]), transcript(rec), where, rec.get("duration"))
+        except (KeyError, ValueError) as e:
+            rejected.append({**bad, "reason": "malformed_record",
+                             "message": f"{e}; each line must be a record of prepare's format"})
+            continue
+        if not Path(where).is_file():
+            rejected.append({**bad, "reason": "missing_file",
+                             "message": f"no audio file at {where} (audio_path is relative to the run folder "
+                                        f"{run_dir}); fix the record or restore the file"})
+            continue
+        utterances.append(utterance)
+    return LoadedSet(entry.spec.name, utterances, rejected)
+
+
+def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
+    """CSV + audio folder → utterances, through prepare's checks and conversion (16 kHz mono wav in ``work``)."""
+    from jobs.prepare import Converted, PrepareSettings, convert, scan_inputs
+
+    checks = PrepareSettings.model_construct(  # prepare's defaults (min/max seconds, text rate), no env/YAML
+        train_csv=str(entry.path), audio_dir=str(entry.audio_dir), s3=s3)
+    scan = scan_inputs(checks)
+    out_audio = work / entry.spec.name
+    out_audio.mkdir(parents=True, exist_ok=True)
+    rejected = [{"set": entry.spec.name, **r.to_json()} for r in scan.rejected]
+    utterances = []
+    for i, job in enumerate(tqdm(scan.jobs, desc=f"evaluate: checking {entry.spec.name}", unit="clip",
+                                 mininterval=1.0)):
+        result = convert(job, out_audio, f"{i:06d}.wav", checks)
+        if isinstance(result, Converted):
+            utterances.append(Utterance(job.utt_id, job.row.text, str(out_audio / result.name), round(result.seconds, 4)))
+        else:
+            rejected.append({"set": entry.spec.name, "split": job.row.split, "csv": job.row.csv,
+                             "line": job.row.line, "row": job.row.fields, "reason": result.reason,
+                             "message": result.message})
+    for r in rejected:
+        r.pop("split", None)
+    return LoadedSet(entry.spec.name, utterances, rejected)
+
+
+def load_sets(plan: Plan, work: Path, s3) -> list[LoadedSet]:
+    loaded = []
+    for entry in plan.sets:
+        data = _csv_set(entry, work, s3) if entry.spec.csv else _jsonl_set(entry)
+        if data.rejected:
+            log.warning("evaluate: set %r: %d bad row(s) skipped (see rejected.jsonl): %s", data.name,
+                        len(data.rejected), "; ".join(f"line {r.get('line')}: {r['reason']}" for r in data.rejected[:5]))
+        if not data.utterances:
+            raise StageFailed(f"set {data.name!r} ({entry.path}) has no usable utterance; "
+                              f"{len(data.rejected)} row(s) rejected (see the log)", exit_code=2)
+        log.info("evaluate: set %r: %d utterances, %.1f s of audio", data.name, len(data.utterances),
+                 sum(u.duration or 0 for u in data.utterances))
+        loaded.append(data)
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# Models → engines
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_runtime(settings: EvaluateSettings) -> tuple[str, str]:
+    """(backend, device) from the settings and the hardware."""
+    device = settings.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = settings.backend if settings.backend != "auto" else ("hf" if device == "cuda" else "ct2")
+    return backend, device
+
+
+def _cached(kind: str, source: Path, build) -> Path:
+    """A conversion of ``source`` kept in the cache, keyed by the source's content."""
+    dest = cache_dir() / "evaluate" / f"{kind}-{folder_fingerprint(source)[:20]}"
+    if not folder_format_or_none(dest):
+        log.info("evaluate: converting %s → %s (%s; cached for later runs)", source, dest, kind)
+        build(source, dest)
+    return dest
+
+
+def _hf_to_ct2(source: Path, dest: Path) -> None:
+    from common.ct2_whisper import export_hf_to_ct2
+    from common.models import ensure_preprocessor_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "hf"  # never modify the user's folder: add preprocessor_config.json to a copy of links
+        staged.mkdir()
+        for p in source.iterdir():
+            if p.is_file():
+                (staged / p.name).symlink_to(p.resolve())
+        ensure_preprocessor_config(staged)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        export_hf_to_ct2(staged, dest, CT2_CACHE_QUANTIZATION)
+
+
+def model_folder(name: str, ref: ModelRef, backend: str, s3) -> tuple[Path, dict[str, Any]]:
+    """The local folder the backend loads (CT2 for ct2, HF for hf; converted in the cache when needed)."""
+    folder, facts = fetch_model(ref, s3)
+    fmt = facts["format"]
+    if fmt == "export":
+        want = "ct2" if backend == "ct2" else "model"
+        other = "model" if want == "ct2" else "ct2"
+        folder = folder / want if folder_format_or_none(folder / want) else folder / other
+        fmt = folder_format(folder)
+    used = {"ref": ref.raw, "resolved_source": facts.get("resolved_source"), "source_format": fmt}
+    if backend == "ct2" and fmt == "hf":
+        folder = _cached("ct2", folder, _hf_to_ct2)
+        used["conversion"] = f"Hugging Face → CTranslate2 ({CT2_CACHE_QUANTIZATION}, cached)"
+    elif backend == "hf" and fmt == "ct2":
+        folder = _cached("hf", folder, convert_ct2_to_hf)
+        used["conversion"] = "CTranslate2 → Hugging Face (cached)"
+    used["folder"] = str(folder)
+    log.info("evaluate: model %r: %s → %s", name, ref.raw, folder)
+    return folder, used
+
+
+def open_engine(folder: Path, backend: str, device: str, options: DecodeOptions, settings: EvaluateSettings):
+    if backend == "ct2":
+        return CT2Engine(folder, options, device=device, compute_type=settings.compute_type, threads=settings.threads)
+    return HFEngine(folder, options, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage body
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_options(settings: EvaluateSettings) -> DecodeOptions:
+    return DecodeOptions(beam_size=settings.beam_size, max_new_tokens=settings.max_new_tokens)
+
+
+def _throughput(name: str, set_name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    seconds = sum(r["decode_seconds"] for r in rows)
+    audio = sum(r["duration"] or 0.0 for r in rows)
+    return {"model": name, "set": set_name, "utterances": len(rows), "audio_seconds": round(audio, 2),
+            "decode_seconds": round(seconds, 2), "rtf": round(seconds / audio, 4) if audio else None,
+            "samples_per_second": round(len(rows) / seconds, 3) if seconds else None,
+            "audio_seconds_per_second": round(audio / seconds, 2) if seconds else None}
+
+
+def transcribe_all(plan: Plan, sets: list[LoadedSet], settings: EvaluateSettings
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every model over every set with the same decoding settings → (prediction rows, run info)."""
+    backend, device = resolve_runtime(settings)
+    options = decode_options(settings)
+    batch_size = settings.batch_size or BATCH_SIZE[device]
+    rows: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"decoding": options.as_dict(), "backend": backend, "device": device,
+                            "batch_size": batch_size, "models": {}, "throughput": [], "unreadable": []}
+    if backend == "ct2":
+        info["compute_type"] = settings.compute_type
+    total = sum(len(s.utterances) for s in sets) * len(plan.models)
+    with tqdm(total=total, desc="evaluate: transcribing", unit="utt", mininterval=1.0) as bar:
+        for model in plan.models:
+            folder, used = model_folder(model.name, model.ref, backend, settings.s3)
+            t0 = time.perf_counter()
+            engine = open_engine(folder, backend, device, options, settings)
+            used["load_seconds"] = round(time.perf_counter() - t0, 3)
+            used["engine"] = engine.info
+            info["models"][model.name] = used
+            for data in sets:
+                bar.set_postfix_str(f"{model.name} / {data.name}")
+                got = transcribe_utterances(engine, data.utterances, batch_size=batch_size, progress=bar.update)
+                ok = [r for r in got if "error" not in r]
+                info["unreadable"] += [{"model": model.name, "set": data.name, **r} for r in got if "error" in r]
+                rows += [{**r, "model": model.name, "set": data.name} for r in ok]
+                info["throughput"].append(_throughput(model.name, data.name, ok))
+            del engine
+            gc.collect()
+    _check_same_settings(info)
+    return rows, info
+
+
+def _check_same_settings(info: dict[str, Any]) -> None:
+    """Every engine must have used the same prompt and feature size; different ones would make the comparison
+    measure the settings rather than the models."""
+    seen = {name: (m["engine"]["prompt_ids"], m["engine"]["n_mels"]) for name, m in info["models"].items()}
+    if len(set(map(repr, seen.values()))) > 1:
+        raise StageFailed(f"the models disagree on prompt tokens or mel bins {seen}; they are not the same Whisper "
+                          f"family (e.g. large-v3 with 128 mel bins vs base with 80). Evaluate them in separate runs.")
+
+
+PREDICTION_KEYS = ("id", "reference", "hypothesis", "model", "set", "duration", "decode_seconds",
+                   "ref_norm", "hyp_norm", "cer", "char_errors", "ref_chars")
+
+
+def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
+    from common.metrics import metrics_by_model_set, score_rows
+    from common.records import write_jsonl
+    from common.report import write_report
+
+    settings: EvaluateSettings = ctx.settings
+    with tempfile.TemporaryDirectory(prefix="asrft-evaluate-") as work:
+        sets = load_sets(plan, Path(work), settings.s3)
+        rows, info = transcribe_all(plan, sets, settings)
+    scored = score_rows(rows, "evaluate predictions")
+    metrics = metrics_by_model_set(scored)
+    rejected = [r for s in sets for r in s.rejected]
+    unreadable = {(r["set"], r["id"]): r["error"] for r in info["unreadable"]}  # the same for every model
+    rejected += [{"set": set_name, "id": utt, "reason": "unreadable_audio", "message": error}
+                 for (set_name, utt), error in unreadable.items()]
+    info["sets"] = {s.name: {"utterances": len(s.utterances), "rejected": len(s.rejected)} for s in sets}
+    info["skipped_sets"] = plan.skipped_sets
+
+    write_jsonl(ctx.out / "predictions.jsonl", ({k: r.get(k) for k in PREDICTION_KEYS} for r in scored))
+    write_jsonl(ctx.out / "rejected.jsonl", rejected)
+    atomic_write_bytes(ctx.out / "run_info.json", (json.dumps(info, ensure_ascii=False, indent=2) + "\n").encode())
+    write_report(ctx.out, metrics, scored, settings.title, report_extra(info, rejected))
+    summary = {m: {s: {"cer": v["cer"], "n": v["n"]} for s, v in sets_.items()} for m, sets_ in metrics.items()}
+    for model, sets_ in summary.items():
+        for set_name, v in sets_.items():
+            log.info("evaluate: %-12s %-14s CER %s on %d utterances", model, set_name,
+                     "—" if v["cer"] is None else f"{100 * v['cer']:.1f}%", v["n"])
+    return {"metrics": summary, "rejected": len(rejected), "backend": info["backend"], "device": info["device"]}
+
+
+def report_extra(info: dict[str, Any], rejected: list[dict[str, Any]]) -> dict[str, Any]:
+    decoding = {**info["decoding"], "backend": info["backend"], "device": info["device"],
+                "batch_size": info["batch_size"]}
+    if "compute_type" in info:
+        decoding["compute_type"] = info["compute_type"]
+    models = [{"model": name, "ref": m["ref"], "loaded_from": m["folder"], "conversion": m.get("conversion", "none"),
+               "load_seconds": m["load_seconds"]} for name, m in info["models"].items()]
+    extra: dict[str, Any] = {
+        "Decoding settings (same for every model) · 解码设置(所有模型相同)": decoding,
+        "Throughput · 吞吐量": info["throughput"],
+        "Models · 模型": models,
+    }
+    bad = [{"set": r["set"], "line": r.get("line"), "row": r.get("id") or ",".join(map(str, (r.get("row") or {}).values())),
+            "reason": r["reason"], "message": r["message"]} for r in rejected]
+    extra["Rejected rows (not scored) · 被拒行(未计分)"] = bad or "None · 无."
+    if info["skipped_sets"]:
+        extra["Skipped sets · 跳过的测试集"] = ", ".join(info["skipped_sets"]) + " (files not found)"
+    return extra

