@@ -23,6 +23,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -100,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     return failed[0].code if failed else EXIT_OK
 
 
-def _manifest_finished(settings: RunSettings, step: str) -> str | None:
-    if step == "demo-data":
-        return None
+def _manifest_finished(settings: RunSettings, step: str, pipeline: dict) -> str | None:
+    """A stamp that changes when the step really ran (its manifest's finish time)."""
+    if step == "demo-data":  # no manifest: the data folder's summary file is rewritten when it is regenerated
+        section = pipeline.get("demo-data") or pipeline.get("demo_data") or {}
+        summary = Path(section.get("out", "demo_data")) / "demo_data.json"
+        return str(summary.stat().st_mtime_ns) if summary.exists() else None
     store = open_store(settings.artifacts, settings.s3)
     key = store.join(settings.run_id, step, MANIFEST)
     return store.read_json(key).get("finished") if store.exists(key) else None
@@ -120,7 +124,7 @@ def run_local(steps: list[str], pipeline: dict, common: dict, settings: RunSetti
                   + f" asr-ft {step}\n")
             continue
         print(f"\n━━ {step} ━━", file=sys.stderr, flush=True)
-        before = _manifest_finished(settings, step)
+        before = _manifest_finished(settings, step, pipeline)
         t0 = time.perf_counter()
         code, tail = _run_streaming(cmd, env)
         result.seconds = time.perf_counter() - t0
@@ -129,7 +133,7 @@ def run_local(steps: list[str], pipeline: dict, common: dict, settings: RunSetti
             print(f"\n✗ {step} failed (exit {code}). Its last output lines:\n" + "─" * 60 + f"\n{tail.rstrip()}\n"
                   + "─" * 60, file=sys.stderr)
             break
-        after = _manifest_finished(settings, step)
+        after = _manifest_finished(settings, step, pipeline)
         result.status = "skipped" if (before is not None and before == after) else "done"
         result.note = _note(settings, step)
     return results
