@@ -214,8 +214,8 @@ def test_pipeline_defaults_and_score(tmp_path: Path, tiny: dict[str, Path], data
     assert list(metrics) == ["pretrained", "finetuned"] and list(metrics["pretrained"]) == ["test"]
     info = json.loads((run / "evaluate" / "run_info.json").read_text())
     assert info["models"]["finetuned"]["ref"] == str(run / "export" / "ct2")
-    assert info["models"]["finetuned"]["engine"]["compute_type"] == "int8"  # the default, for every model
-    assert info["models"]["pretrained"]["engine"]["compute_type"] == "int8"
+    assert info["models"]["finetuned"]["engine"]["compute_type"] == "float32"  # the default, for every model
+    assert info["models"]["pretrained"]["engine"]["compute_type"] == "float32"
 
     assert score_main(["--predictions", str(run / "evaluate" / "predictions.jsonl"), *common]) == 0
     assert json.loads((run / "score" / "metrics.json").read_text()) == metrics

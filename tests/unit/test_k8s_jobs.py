@@ -122,7 +122,7 @@ def test_job_for_each_demo_step(step):
     ("demo-data", "ASRFT_DEMO_DATA_N_TRAIN", "240"),
     ("prepare", "ASRFT_PREPARE_TRAIN_CSV", "demo_data/train.csv"),
     ("pretrained", "ASRFT_PRETRAINED_MODEL", "bundled:whisper-base"),
-    ("export", "ASRFT_EXPORT_QUANTIZATION", "int8"),
+    ("export", "ASRFT_EXPORT_QUANTIZATION", "float16"),
 ])
 def test_step_section_becomes_its_env(step, key, value):
     pipeline, common, k8s = demo()
@@ -352,9 +352,9 @@ def test_bad_k8s_settings_say_what_to_fix(cli, problem):
 
 
 @pytest.mark.parametrize("manifest, pipeline_change, skipped", [
-    ({"settings": {"quantization": "int8"}}, None, True),
-    ({"settings": {"quantization": "int8"}}, {"quantization": "float16"}, False),  # settings changed
-    ({"settings": {"quantization": "int8"}, "code_version": "0.0.0-old"}, None, False),  # other code
+    ({"settings": {"quantization": "float16"}}, None, True),
+    ({"settings": {"quantization": "float16"}}, {"quantization": "int8"}, False),  # settings changed
+    ({"settings": {"quantization": "float16"}, "code_version": "0.0.0-old"}, None, False),  # other code
     (None, None, False),  # never ran
 ])
 def test_done_in_store(tmp_path, manifest, pipeline_change, skipped):
