@@ -1,0 +1,42 @@
+"""asr-ft finetune — plan, then fine-tune Whisper (full / freeze-encoder / LoRA) on extract's records.
+
+    asr-ft finetune [--mode auto|full|freeze-encoder|lora] [--epochs N] [--lr LR] [--batch B] [--run-id ID]
+    python -m jobs.finetune ...            (the same, as run in a container)
+
+Environment: ASRFT_FINETUNE_<SETTING> for every flag (ASRFT_FINETUNE_MODE, ASRFT_FINETUNE_EPOCHS,
+ASRFT_FINETUNE_LR, ASRFT_FINETUNE_BATCH, ASRFT_FINETUNE_GRAD_ACCUM, ASRFT_FINETUNE_MAX_STEPS,
+ASRFT_FINETUNE_LORA_R, ASRFT_FINETUNE_FROZEN_ENCODER_LAYERS, ASRFT_FINETUNE_DEVICE, ASRFT_FINETUNE_OVERRIDES
+(JSON) …; `--help` lists them all); common: ASRFT_ARTIFACTS, ASRFT_RUN_ID, ASRFT_FORCE, ASRFT_LOG_LEVEL,
+ASRFT_S3__ENDPOINT_URL (and the other ASRFT_S3__* keys). TENSORBOARD_LOGGING_DIR is set by the stage.
+
+Reads <run>/extract/train.jsonl (+ its log-mel cache) and <run>/pretrained/model/; writes <run>/finetune/:
+plan.json (before training), checkpoints/checkpoint-N/, tensorboard/, trainer_state.json, final/ (a plain
+Hugging Face Whisper folder). Interrupted? Run the same command again: it resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from common.stage import EXIT_BAD_INPUT, run_stage, stage_main
+from jobs.finetune import STAGE, FinetuneSettings, finetune, finetune_inputs
+
+EXAMPLES = """examples:
+  asr-ft finetune --run-id demo                                   # every choice by the planner
+  asr-ft finetune --run-id demo --mode lora --lora-r 32 --frozen-encoder-layers 3 --epochs 4 --lr 1e-3
+  asr-ft finetune --run-id big --mode full --batch 32 --overrides '{"strategy": "zero2", "save_steps": 200}'
+  asr-ft finetune --run-id demo --device cpu --max-steps 20       # a quick smoke run
+
+中文: 先写出训练计划 plan.json(每个自动决策及原因, 可用设置覆盖), 再训练; 中断后重跑同一命令即从最近的检查点续训。
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = stage_main(FinetuneSettings, argv, __doc__, EXAMPLES)
+    if settings is None:
+        return EXIT_BAD_INPUT
+    return run_stage(STAGE, settings, lambda store: finetune_inputs(settings, store), finetune)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
