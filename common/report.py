@@ -23,11 +23,9 @@ import html
 import io
 import json
 import logging
-import os
 import shutil
 import subprocess
 import unicodedata
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 
 from common.metrics import with_errors
+from common.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -111,24 +110,9 @@ def write_report(
     paths = {}
     for name, text in docs.items():
         paths[name] = out_dir / name
-        _write_atomic(paths[name], text.encode("utf-8"))
+        atomic_write_bytes(paths[name], text.encode("utf-8"))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like open()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
