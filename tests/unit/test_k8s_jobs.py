@@ -170,6 +170,7 @@ def test_training_resources_come_from_the_planner(tmp_path):
     from common import memory, planner
 
     pipeline, common, k8s = demo(**{"k8s.gpus": "1", "k8s.gpu_memory_gb": "80", "k8s.gpu_node_memory_gb": "125"})
+    pipeline["finetune"] = {}  # planner defaults on both sides
     store = LocalStore(tmp_path / "pvc")
     store.write_json("demo/prepare/stats.json", {"kept": {"train": 5000, "test": 40}})
     config = k8s_mod.WHISPER_SHAPES["large-v3"]
