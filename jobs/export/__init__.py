@@ -15,7 +15,9 @@ Outputs in ``<artifacts>/<run-id>/export/``:
 
 The source is ``<run>/finetune/final/`` (a plain Whisper folder, LoRA already merged) or ``--checkpoint``
 (any local Hugging Face Whisper folder; missing tokenizer/feature-extractor files are taken from the run's
-pretrained model).
+pretrained model). A DeepSpeed ZeRO checkpoint (``global_step*/`` shards, e.g. a ``checkpoint-N/`` of a ZeRO-2/3
+run) is first consolidated into a normal fp32 model folder (``common.zero_export``; logged), then exported the
+same way; ``export_info.json`` records ``zero_consolidated``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from common.records import audio_location, iter_jsonl
 from common.settings import StageSettings
 from common.stage import StageContext, StageFailed, upstream_fingerprint
 from common.store import Store, atomic_write_bytes
+from common.zero_export import is_zero_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ def export_inputs(settings: ExportSettings, store: Store) -> dict[str, Any]:
 def _source(ctx: StageContext) -> Path:
     settings: ExportSettings = ctx.settings
     src = Path(settings.checkpoint).expanduser() if settings.checkpoint else ctx.input_dir("finetune") / "final"
+    if is_zero_checkpoint(src):
+        return src  # its shards are consolidated into a normal model folder first (consolidated())
     if folder_format_or_none(src) != "hf":
         raise StageFailed(
             f"{src}: not a Hugging Face Whisper folder ({describe_folder_problem(src)}). Export takes finetune's "
@@ -90,6 +95,22 @@ def _source(ctx: StageContext) -> Path:
             exit_code=2,
         )
     return src
+
+
+def consolidated(src: Path, work: Path) -> Path:
+    """A DeepSpeed ZeRO checkpoint's fp32 master weights gathered into a normal model folder under ``work``."""
+    from common.zero_export import ZeroCheckpointError, consolidate_zero_checkpoint, zero_checkpoint_tag
+
+    try:
+        log.info("export: %s is a DeepSpeed ZeRO checkpoint (tag %s): consolidating its shards into one model "
+                 "first", src, zero_checkpoint_tag(src))
+        out = consolidate_zero_checkpoint(src, work / "consolidated")
+    except ZeroCheckpointError as e:
+        raise StageFailed(f"cannot export {src}: {e}", exit_code=2) from None
+    if folder_format_or_none(out) != "hf":
+        raise StageFailed(f"{src}: the consolidated ZeRO checkpoint is not a Hugging Face Whisper folder "
+                          f"({describe_folder_problem(out)})", exit_code=2)
+    return out
 
 
 def _with_tokenizer(src: Path, ctx: StageContext, work: Path) -> Path:
@@ -167,8 +188,11 @@ def export(ctx: StageContext) -> dict[str, Any]:
     settings: ExportSettings = ctx.settings
     src = _source(ctx)
     model_dir, ct2_dir = ctx.out / "model", ctx.out / "ct2"
-    with tempfile.TemporaryDirectory(prefix="asrft-export-") as work:
-        source = _with_tokenizer(src, ctx, Path(work))
+    zero = is_zero_checkpoint(src)
+    # a ZeRO checkpoint is gathered beside the outputs (same disk: a 10 B model is ~40 GB in fp32), then copied
+    with tempfile.TemporaryDirectory(prefix="asrft-export-") as work, \
+            tempfile.TemporaryDirectory(prefix=".zero-", dir=ctx.out) as zero_work:
+        source = _with_tokenizer(consolidated(src, Path(zero_work)) if zero else src, ctx, Path(work))
         staged = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=ctx.out))
         try:
             copy_hf_folder(source, staged)
@@ -182,7 +206,7 @@ def export(ctx: StageContext) -> dict[str, Any]:
     export_hf_to_ct2(model_dir, ct2_dir, settings.quantization)
     ct2_seconds = time.perf_counter() - t0
     info: dict[str, Any] = {
-        "source": str(src), "quantization": settings.quantization, "model": facts,
+        "source": str(src), "zero_consolidated": zero, "quantization": settings.quantization, "model": facts,
         "hf_weights": weight_digests(model_dir), "ct2_weights": weight_digests(ct2_dir),
         "ct2_convert_seconds": round(ct2_seconds, 2),
     }

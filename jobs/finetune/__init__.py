@@ -11,12 +11,20 @@ Order of work (each step logged):
 2. Plan (``common.planner``): device, precision, world size, mode, batch, accumulation, epochs, lr, warmup,
    save_steps (never above the total steps), evaluation hold-out (none on small data), memory setup. Every
    decision can be forced with a setting; ``plan.json`` is written and logged BEFORE training starts, with
-   this stage's own decisions (frozen encoder layers, encoder cache) in its ``finetune`` section.
+   this stage's own decisions (frozen encoder layers, encoder cache, fast path, processes) in its ``finetune``
+   section. World size > 1: this process decides the resume once, then starts one worker process per rank
+   (``common.launch``: torch.distributed elastic as ``torchrun --standalone``, nccl on CUDA, gloo on CPU) that
+   runs steps 1 and 3-5 with this plan (``finetune_worker``); rank 0 alone writes plan.json, checkpoints,
+   trainer_state.json and final/, and this process writes the manifest. A failed rank fails the stage with
+   that rank's error and traceback.
 3. Inputs per clip: log-mel from extract's cache or from the audio; when the bottom of the encoder is frozen
    and epochs reuse it, its output is computed once per clip and kept in RAM (``--encoder-cache``).
-4. Train with the Hugging Face Trainer (tqdm progress, TensorBoard logs in ``tensorboard/``), checkpointing
+4. Train with the fast loop (``common.fast_train``: one CUDA GPU, bf16, full / freeze-encoder; bf16 weights
+   with fp32 masters, fused AdamW, compiled layers; ``--fast-path off`` turns it off) or else the Hugging Face
+   Trainer (tqdm progress, TensorBoard logs in ``tensorboard/``), checkpointing
    into ``checkpoints/checkpoint-N/`` (uploaded right after each save on S3). A re-run after an interruption
-   resumes from the last complete checkpoint when the training setup is unchanged (else starts over, logged).
+   resumes from the last complete checkpoint when the training setup is unchanged (else starts over, logged);
+   the setup includes which loop trains, so the two checkpoint kinds never mix.
 5. ``final/``: a plain Whisper folder (LoRA merged; optionally interpolated with the pretrained weights by
    ``--merge-alpha``), with tokenizer, feature extractor and a zh/transcribe generation config;
    ``trainer_state.json`` (loss history) beside it.
@@ -31,6 +39,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +86,11 @@ class FinetuneSettings(StageSettings):
         "auto", description="auto: bf16 mixed precision (fp32 master weights) on GPUs that have it, fp32 on CPU",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train", examples=["cpu"])
+    fast_path: Literal["auto", "off"] = Field(
+        "auto", description="auto: on one CUDA GPU in bf16 with mode full / freeze-encoder, train with the fast loop "
+        "(bf16 weights + fp32 master weights, fused AdamW, compiled layers) instead of the Hugging Face Trainer; "
+        "off: always the Trainer", examples=["auto", "off"],
+    )
     num_workers: int | None = Field(None, ge=0, description="DataLoader worker processes [default: planner]")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch [default: the CPUs available]")
     seed: int = Field(0, description="seed for weights of new layers, data order and dropout", examples=[0])
@@ -114,6 +128,14 @@ class FinetuneSettings(StageSettings):
     merge_alpha: float = Field(
         1.0, ge=0, le=1, description="final = pretrained + alpha x (fine-tuned - pretrained) (WiSE-FT; 1 = as "
         "trained; lower keeps more of the pretrained model's general skill)", examples=[1.0, 0.8],
+    )
+    merge_alpha_encoder: float | None = Field(
+        None, ge=0, le=1, description="merge factor of the encoder's weights [default: merge_alpha]; the encoder "
+        "holds the acoustic skill", examples=[0.7],
+    )
+    merge_alpha_decoder: float | None = Field(
+        None, ge=0, le=1, description="merge factor of the decoder's weights [default: merge_alpha]; the decoder "
+        "holds the language model (lower: less drift toward the training sentences)", examples=[0.5],
     )
     eval_holdout: int | None = Field(None, ge=0, description="training clips held out for eval loss [default: "
                                      "planner: 5 % when that is >= 16 clips, else none]")
@@ -208,19 +230,40 @@ def write_plan(path: Path, the_plan: Any, extra: dict[str, Any]) -> None:
 # --- resume ---------------------------------------------------------------------------------------------
 
 
-def run_signature(ctx: StageContext, the_plan: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+def run_signature(ctx: StageContext, the_plan: Any, inputs: dict[str, Any], fast_path: bool = False) -> dict[str, Any]:
+    """What the checkpoints belong to; ``fast_path`` too: the fast loop's checkpoints (fp32 model + optimizer.pt)
+    and the Trainer's (trainable.safetensors + its own optimizer files) never resume each other."""
     values = the_plan.values
     return {
         "settings": fingerprint_fields(ctx.settings),
         "inputs": inputs,
         "plan": {k: values.get(k) for k in RESUME_KEYS},
+        "fast_path": fast_path,
     }
 
 
-def restore_from_store(ctx: StageContext) -> None:
-    """S3: bring the newest complete remote checkpoint (and the signature) into the local staging folder."""
-    from common.train import CHECKPOINT_FILES, CHECKPOINT_PREFIX
+def _checkpoint_kind(fast_path: bool):
+    """(last complete checkpoint under a folder, is a set of file names a complete checkpoint) for one kind."""
+    if fast_path:
+        from common.fast_train import FAST_CHECKPOINT_FILES, last_checkpoint
 
+        def complete(names: set[str]) -> bool:
+            weights = "model.safetensors" in names or "model.safetensors.index.json" in names
+            return weights and all(f in names for f in FAST_CHECKPOINT_FILES)
+    else:
+        from common.train import CHECKPOINT_FILES, last_checkpoint
+
+        def complete(names: set[str]) -> bool:
+            return all(f in names for f in CHECKPOINT_FILES)
+
+    return last_checkpoint, complete
+
+
+def restore_from_store(ctx: StageContext, fast_path: bool = False) -> None:
+    """S3: bring the newest complete remote checkpoint (and the signature) into the local staging folder."""
+    from common.train import CHECKPOINT_PREFIX
+
+    _, is_complete = _checkpoint_kind(fast_path)
     if ctx.store.local_path(ctx.key()) is not None:
         return  # local store: ctx.out IS the stage folder
     prefix = ctx.key(CHECKPOINTS)
@@ -231,7 +274,7 @@ def restore_from_store(ctx: StageContext) -> None:
         head, _, rest = rel.partition("/")
         if head.startswith(CHECKPOINT_PREFIX) and head[len(CHECKPOINT_PREFIX):].isdigit():
             files.setdefault(head, set()).add(rest)
-    complete = [c for c, names in files.items() if all(f in names for f in CHECKPOINT_FILES)]
+    complete = [c for c, names in files.items() if is_complete(names)]
     if not complete:
         return
     newest = max(complete, key=lambda c: int(c[len(CHECKPOINT_PREFIX):]))
@@ -242,10 +285,11 @@ def restore_from_store(ctx: StageContext) -> None:
 
 
 def checkpoint_to_resume(ctx: StageContext, signature: dict[str, Any]) -> Path | None:
-    """The checkpoint to resume from, or None (fresh start; stale checkpoints of another setup removed)."""
-    from common.train import last_checkpoint
-
-    restore_from_store(ctx)
+    """The checkpoint to resume from, or None (fresh start; stale checkpoints of another setup removed).
+    The checkpoint kind (fast loop or Trainer) follows ``signature["fast_path"]``."""
+    fast_path = bool(signature.get("fast_path"))
+    last_checkpoint, _ = _checkpoint_kind(fast_path)
+    restore_from_store(ctx, fast_path)
     folder = ctx.out / CHECKPOINTS
     sig_path = folder / SIGNATURE
     last = last_checkpoint(folder)
@@ -275,15 +319,174 @@ def regroup_each_epoch(dataset):
     return _Regroup()
 
 
+# --- training: the fast loop or the Trainer ---------------------------------------------------------------
+
+
+def fast_path_decision(s: FinetuneSettings, the_plan: Any, trainee: Any) -> tuple[bool, str]:
+    """(train with common.fast_train, why): its own conditions (one CUDA GPU, plain strategy, bf16, full or
+    freeze-encoder) plus the stage's (not switched off, no packed windows)."""
+    if s.fast_path == "off":
+        return False, "fast_path=off: the Hugging Face Trainer"
+    from common.fast_train import fast_path_applies
+
+    ok, why = fast_path_applies(the_plan, trainee)
+    if not ok:
+        return False, f"{why}: the Hugging Face Trainer"
+    if s.pack_clips > 1:
+        return False, "pack_clips > 1: packed windows are regrouped every epoch by a Trainer callback: the Trainer"
+    return True, why
+
+
+def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Any, train_ds: Any, eval_ds: Any, collator: Any,
+                       resume: Path | None) -> dict[str, Any]:
+    """The Hugging Face Trainer (DDP between launched workers, DeepSpeed when the plan says so)."""
+    from transformers import Seq2SeqTrainingArguments
+
+    from common.launch import backend_for, is_rank_zero
+    from common.planner import training_arguments_kwargs
+    from common.train import make_trainer
+
+    s: FinetuneSettings = ctx.settings  # type: ignore[assignment]
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.out / TENSORBOARD)  # transformers >= 5
+    extra_args: dict[str, Any] = {
+        "seed": s.seed, "report_to": ["tensorboard"], "disable_tqdm": False, "remove_unused_columns": False,
+        "label_names": ["labels"], "prediction_loss_only": True, "logging_first_step": True,
+        "dataloader_pin_memory": the_plan.device == "cuda",
+    }
+    if the_plan.world_size > 1:
+        extra_args["ddp_backend"] = backend_for(the_plan.device)
+    if "logging_dir" in inspect.signature(Seq2SeqTrainingArguments).parameters:  # transformers < 5
+        extra_args["logging_dir"] = str(ctx.out / TENSORBOARD)
+    kwargs = training_arguments_kwargs(the_plan, ctx.out / CHECKPOINTS, **extra_args)
+    args = Seq2SeqTrainingArguments(**kwargs)
+    rank_zero = is_rank_zero()
+    trainer = make_trainer(trainee, args, train_ds, collator, on_save=ctx.sync if rank_zero else None,
+                           eval_dataset=eval_ds, callbacks=[regroup_each_epoch(train_ds)] if s.pack_clips > 1 else [])
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if rank_zero:
+        trainer.state.save_to_json(str(ctx.out / "trainer_state.json"))
+    return {
+        "global_step": trainer.state.global_step,
+        "train_loss": round(result.training_loss, 4) if result.training_loss is not None else None,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }
+
+
+FAST_SPEED_KEYS = ("samples_per_s", "median_step_seconds", "compiled_layers", "attention", "peak_gpu_bytes")
+
+
+def train_with_fast_path(ctx: StageContext, trainee: Any, the_plan: Any, train_ds: Any, eval_ds: Any, collator: Any,
+                         resume: Path | None) -> dict[str, Any]:
+    """common.fast_train on one GPU; its checkpoints go where the Trainer's would (checkpoints/checkpoint-N)."""
+    from common.fast_train import FastOptions, train_fast
+
+    s: FinetuneSettings = ctx.settings  # type: ignore[assignment]
+    result = train_fast(
+        trainee, train_ds, collator, the_plan, ctx.out / CHECKPOINTS, on_checkpoint=lambda _path: ctx.sync(),
+        resume_from=resume, eval_dataset=eval_ds,
+        options=FastOptions(seed=s.seed, tensorboard_dir=str(ctx.out / TENSORBOARD)),
+    )
+    state = {"global_step": result["global_step"], "max_steps": result["max_steps"],
+             "log_history": result["log_history"], "fast_path": True}
+    atomic_write_bytes(ctx.out / "trainer_state.json", json.dumps(state, indent=1, ensure_ascii=False).encode())
+    return {
+        "global_step": result["global_step"],
+        "train_loss": result["train_loss"],
+        "losses": [h["loss"] for h in result["log_history"] if "loss" in h],
+        "speed": {"fast_path_speed": {k: result.get(k) for k in FAST_SPEED_KEYS}},
+    }
+
+
+# --- several processes: the stage launches its own workers ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What a launched worker takes from the parent: the plan (so every rank trains the same one) and the
+    resume decision (made once, before the workers start: they never race on the checkpoints folder)."""
+
+    plan: Any
+    resume: Path | None
+
+
+def world_size_note(the_plan: Any) -> str | None:
+    """A log line when the plan trains on fewer GPUs than the machine has (e.g. too little data), else None."""
+    gpus = the_plan.resources.gpus
+    if the_plan.device != "cuda" or the_plan.world_size >= gpus:
+        return None
+    return f"training on {the_plan.world_size} of {gpus} GPUs: {the_plan.decision('world_size').reason}"
+
+
+def launcher_info(the_plan: Any, worker: WorkerJob | None) -> dict[str, Any]:
+    from common.launch import backend_for
+
+    n = the_plan.world_size
+    return {"processes": n, "backend": backend_for(the_plan.device) if n > 1 else None,
+            "launched_by_stage": worker is not None}
+
+
+def launch_reason(the_plan: Any, worker: WorkerJob | None) -> str:
+    from common.launch import backend_for
+
+    n = the_plan.world_size
+    if n == 1:
+        return "world_size 1: training in the stage's own process"
+    how = "started by this stage" if worker is not None else "started by an outside launcher"
+    return (f"world_size {n}: {n} worker processes {how} (torch.distributed elastic, as torchrun --standalone), "
+            f"backend {backend_for(the_plan.device)}; rank 0 writes plan.json, checkpoints and final/")
+
+
+def launch_finetune(ctx: StageContext, the_plan: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The parent of a multi-process run: decide the resume once, start one worker per rank, wait; returns
+    rank 0's summary (with every rank's step count) for the manifest run_stage writes."""
+    from common.launch import WorkerFailed, launch_workers
+
+    resume = checkpoint_to_resume(ctx, run_signature(ctx, the_plan, inputs, fast_path=False))
+    job = WorkerJob(plan=the_plan, resume=resume)
+    try:
+        results = launch_workers(finetune_worker, (ctx.settings, str(ctx.out), job), the_plan.world_size,
+                                 device=the_plan.device)
+    except WorkerFailed as e:
+        raise StageFailed(f"finetune worker rank {e.rank} of {the_plan.world_size} failed: {e.message}") from None
+    first = results[0]
+    # rank 0 uploaded while it trained; tell this process's context what is already in the store (no re-upload)
+    ctx._synced.update(first["synced"])
+    ctx._hashes.update(first["hashes"])
+    summary = first["summary"]
+    summary["ranks"] = [{"rank": r, "global_step": results[r]["global_step"] if r else summary["global_step"],
+                         "train_loss": results[r]["train_loss"] if r else summary["train_loss"]}
+                        for r in sorted(results)]
+    return summary
+
+
+def finetune_worker(settings: FinetuneSettings, out: str, job: WorkerJob) -> dict[str, Any]:
+    """One launched rank (runs in its own process): the stage body in ``out`` with the parent's plan. No skip
+    check, no manifest: the parent's run_stage does those once."""
+    from common.launch import is_rank_zero, local_rank, setup_worker_logging
+    from common.store import open_store
+
+    setup_worker_logging(settings.log_level)
+    if job.plan.device == "cuda":
+        import torch
+
+        torch.cuda.set_device(local_rank())  # "cuda" in the body now means this rank's GPU
+    ctx = StageContext(STAGE, settings, open_store(settings.artifacts, settings.s3), settings.run_id, Path(out))
+    summary = finetune(ctx, worker=job)
+    if not is_rank_zero():
+        return summary
+    return {"summary": summary, "synced": dict(ctx._synced), "hashes": dict(ctx._hashes)}
+
+
 # --- the body -------------------------------------------------------------------------------------------
 
 
 def _threads(s: FinetuneSettings) -> int:
     import torch
 
+    from common.launch import local_world_size
     from common.planner import detect_resources
 
-    n = s.threads or detect_resources(gpus=0).cpu_count
+    n = s.threads or max(1, detect_resources(gpus=0).cpu_count // local_world_size())  # shared by the workers
     torch.set_num_threads(n)
     return n
 
@@ -297,11 +500,14 @@ def _holdout(examples: list, n: int, seed: int) -> tuple[list, list]:
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
-def finetune(ctx: StageContext) -> dict[str, Any]:
+def finetune(ctx: StageContext, worker: WorkerJob | None = None) -> dict[str, Any]:
+    """The stage body. ``worker``: set in a launched worker process (finetune_worker), which trains with the
+    parent's plan and resume decision; rank 0 alone writes plan.json, trainer_state.json and final/."""
     import psutil
-    from transformers import Seq2SeqTrainingArguments, set_seed
+    from transformers import set_seed
 
-    from common.planner import training_arguments_kwargs
+    from common.launch import is_rank_zero, needs_launch, worker_rank
+    from common.records import transcript
     from common.train import (
         ModeSpec,
         cache_pays,
@@ -309,17 +515,16 @@ def finetune(ctx: StageContext) -> dict[str, Any]:
         frozen_bottom_cacheable,
         load_whisper,
         make_trainee,
-        make_trainer,
+        merge_factors,
         save_final,
     )
-    from common.records import transcript
     from common.whisper_data import (
         FeatureSource,
         PackedWhisperDataset,
-        clip_samples,
         WhisperCollator,
         WhisperDataset,
         cache_matches,
+        clip_samples,
         context_frames,
         make_examples,
         prompt_ids,
@@ -353,13 +558,13 @@ def finetune(ctx: StageContext) -> dict[str, Any]:
         frames, context_reason = 3000, (f"full 30-s windows, each packing up to {s.pack_clips} clips "
                                         f"({n_samples} windows per epoch for {len(examples)} clips)")
         longest_labels = min(448, longest_labels * s.pack_clips)
-    the_plan = make_plan(s, model.config, n_samples, longest_labels, frames // 2)
-    if the_plan.world_size > 1 and "LOCAL_RANK" not in os.environ:
-        # Seam for multi-GPU (issue 5): launch one worker per GPU with torchrun. Until then: one GPU, said so.
-        log.warning("plan asks for %d GPUs; multi-GPU launch is not implemented yet: training on 1 GPU",
-                    the_plan.world_size)
-        s = s.model_copy(update={"overrides": {**s.overrides, "world_size": 1}})
-        the_plan = make_plan(s, model.config, n_samples, longest_labels, frames // 2)
+    the_plan = worker.plan if worker else make_plan(s, model.config, n_samples, longest_labels, frames // 2)
+    note = world_size_note(the_plan)
+    if note and is_rank_zero():
+        log.warning("%s", note)
+    if worker is None and needs_launch(the_plan.world_size):
+        del model, examples  # each worker loads its own copy
+        return launch_finetune(ctx, the_plan, inputs)
     device = the_plan.device
     train_ex, eval_ex = _holdout(examples, the_plan.value("eval_holdout"), s.seed)
     lora = the_plan.lora
@@ -383,25 +588,33 @@ def finetune(ctx: StageContext) -> dict[str, Any]:
     )
     if s.pack_clips > 1:
         cache_on, cache_reason = False, "packed windows are regrouped every epoch: nothing fixed to cache"
+    fast, fast_reason = fast_path_decision(s, the_plan, trainee)
+    log.info("fast path 快速训练: %s (%s)", "on" if fast else "off", fast_reason)
     extra = {
         "frozen_encoder_layers": trainee.frozen_layers,
         "encoder_cache": cache_on,
         "trainable_params": trainable,
         "threads": threads,
         "label_smoothing": s.label_smoothing,
-        "merge_alpha": s.merge_alpha,
+        "merge_alpha": merge_factors(s.merge_alpha, s.merge_alpha_encoder, s.merge_alpha_decoder),
         "train_clips": len(train_ex),
         "eval_clips": len(eval_ex),
         "train_context_seconds": frames / 100,
         "pack_clips": s.pack_clips,
+        "fast_path": fast,
+        "world_size": the_plan.world_size,
+        "launcher": launcher_info(the_plan, worker),
         "reasons": {
             "training window": context_reason,
             "log-mel source": ("extract's float16 cache: " if use_mel_cache else "computed from audio: ") + mel_reason,
             "encoder cache": cache_reason,
+            "fast path": fast_reason,
+            "processes": launch_reason(the_plan, worker),
         },
     }
-    write_plan(ctx.out / "plan.json", the_plan, extra)
-    ctx.sync()
+    if is_rank_zero():
+        write_plan(ctx.out / "plan.json", the_plan, extra)
+        ctx.sync()
 
     # 3. inputs per clip (or per packed window)
     def dataset(exs: list):
@@ -424,38 +637,31 @@ def finetune(ctx: StageContext) -> dict[str, Any]:
     eval_ds = dataset(eval_ex) if eval_ex else None
     cache_seconds = time.perf_counter() - t0
 
-    # 4. train (resuming when possible)
-    signature = run_signature(ctx, the_plan, inputs)
-    resume = checkpoint_to_resume(ctx, signature)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.out / TENSORBOARD)  # transformers >= 5
-    extra_args: dict[str, Any] = {
-        "seed": s.seed, "report_to": ["tensorboard"], "disable_tqdm": False, "remove_unused_columns": False,
-        "label_names": ["labels"], "prediction_loss_only": True, "logging_first_step": True,
-        "dataloader_pin_memory": device == "cuda",
-    }
-    if "logging_dir" in inspect.signature(Seq2SeqTrainingArguments).parameters:  # transformers < 5
-        extra_args["logging_dir"] = str(ctx.out / TENSORBOARD)
-    kwargs = training_arguments_kwargs(the_plan, ctx.out / CHECKPOINTS, **extra_args)
-    args = Seq2SeqTrainingArguments(**kwargs)
+    # 4. train (resuming when possible): the fast loop or the Hugging Face Trainer
+    resume = worker.resume if worker else checkpoint_to_resume(ctx, run_signature(ctx, the_plan, inputs, fast))
     collator = WhisperCollator(model.config.pad_token_id)
-    trainer = make_trainer(trainee, args, train_ds, collator, on_save=ctx.sync, eval_dataset=eval_ds,
-                           callbacks=[regroup_each_epoch(train_ds)] if s.pack_clips > 1 else [])
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train = train_with_fast_path if fast else train_with_trainer
+    trained = train(ctx, trainee, the_plan, train_ds, eval_ds, collator, resume)
     train_seconds = time.perf_counter() - t0
-    trainer.state.save_to_json(str(ctx.out / "trainer_state.json"))
+    if not is_rank_zero():
+        return {"rank": worker_rank(), "global_step": trained["global_step"], "train_loss": trained["train_loss"]}
 
     # 5. final model
-    final = save_final(trainee, ctx.out / FINAL, tokenizer, fe, model_dir, s.merge_alpha)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    final = save_final(trainee, ctx.out / FINAL, tokenizer, fe, model_dir,
+                       merge_factors(s.merge_alpha, s.merge_alpha_encoder, s.merge_alpha_decoder))
+    losses = trained["losses"]
     summary = {
         "mode": spec.mode,
         "device": device,
-        "global_step": trainer.state.global_step,
+        "world_size": the_plan.world_size,
+        "fast_path": fast,
+        "global_step": trained["global_step"],
         "resumed_from": resume.name if resume else None,
-        "train_loss": round(result.training_loss, 4) if result.training_loss is not None else None,
+        "train_loss": trained["train_loss"],
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
+        **trained.get("speed", {}),
         "train_seconds": round(train_seconds, 1),
         "encoder_cache_seconds": round(cache_seconds, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),

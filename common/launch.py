@@ -1,0 +1,192 @@
+"""One process per GPU (or per gloo rank on CPU) for a stage's training, started from inside the stage.
+
+    if needs_launch(plan.world_size):                       # > 1 and not already a worker
+        results = launch_workers(worker_fn, (settings, plan), plan.world_size, device=plan.device)
+        summary = results[0]                                # {global rank: worker_fn's return value}
+    # inside worker_fn, one process per rank:
+    worker_rank(), worker_world_size(), is_rank_zero(), setup_worker_logging(level)
+
+How: ``torch.distributed.launcher.api.elastic_launch`` — the API ``torchrun`` itself runs — configured as
+``torchrun --standalone --nproc-per-node N``: one node, c10d rendezvous on ``localhost:0`` (a free port), no
+restarts, workers started with ``spawn``. Each worker gets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT like under torchrun, plus ``WORKER_ENV`` (NVLink multicast off: NVLS/multicast hangs or fails on
+machines without fabric-manager support for it) and OMP_NUM_THREADS = CPUs / N when unset (as torchrun).
+
+Why the API and not a ``python -m torch.distributed.run -m jobs.finetune <args>`` subprocess: the workers get
+the parent's already resolved settings and plan as Python objects (pickled through the spawn pipe: secrets
+never on a command line, in the environment or on disk; settings built in code, e.g. by the pipeline, need no
+argv), they run only the stage body (no second skip check, manifest or output clean-up), and the parent gets
+each rank's return value, or for a failed rank its exception and traceback (``WorkerFailed``).
+
+Backend: ``nccl`` on CUDA, ``gloo`` on CPU (``backend_for``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Set in every worker's environment (issue 6): NVLink SHARP / multicast objects are not available on every
+# multi-GPU machine (they need fabric manager + IMEX), and NCCL or torch's symmetric memory may hang or fail
+# when they try them. Plain NVLink/PCIe transports are as fast for data-parallel gradients of this size.
+WORKER_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+# Variables a launcher (torchrun, elastic, a PyTorchJob) sets in a worker: any of them means "already a worker".
+WORKER_MARKERS = ("LOCAL_RANK", "WORLD_SIZE")
+BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
+RDZV_ENDPOINT = "localhost:0"  # torchrun --standalone: c10d rendezvous on a free local port
+MONITOR_INTERVAL_S = 0.1  # how often the agent polls its workers (a failure stops the others this fast)
+TRACEBACK_LINES = 30  # lines of a failed worker's traceback shown in the error
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process failed; ``rank`` is the first one that failed and ``message`` its error + traceback."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(f"worker rank {rank} failed: {message}")
+        self.rank = rank
+        self.message = message
+
+
+# --- where am I ----------------------------------------------------------------------------------------
+
+
+def is_worker(env: Mapping[str, str] | None = None) -> bool:
+    """True inside a process started by a distributed launcher (LOCAL_RANK or WORLD_SIZE set)."""
+    env = os.environ if env is None else env
+    return any(k in env for k in WORKER_MARKERS)
+
+
+def worker_rank(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    return int(env.get("RANK", 0))
+
+
+def local_rank(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    return int(env.get("LOCAL_RANK", 0))
+
+
+def worker_world_size(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    return int(env.get("WORLD_SIZE", 1))
+
+
+def local_world_size(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    return int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1)))
+
+
+def is_rank_zero(env: Mapping[str, str] | None = None) -> bool:
+    """The process that writes shared outputs: rank 0 of a launch, or the only process."""
+    return worker_rank(env) == 0
+
+
+def needs_launch(world_size: int, env: Mapping[str, str] | None = None) -> bool:
+    """Start workers: the plan wants more than one process and this process is not one of them already."""
+    return world_size > 1 and not is_worker(env)
+
+
+def backend_for(device: str) -> str:
+    """torch.distributed backend: nccl between CUDA GPUs, gloo between CPU processes."""
+    kind = device.split(":")[0]
+    if kind not in BACKENDS:
+        raise ValueError(f"device {device!r}: expected 'cuda' or 'cpu'")
+    return BACKENDS[kind]
+
+
+def setup_worker_logging(level: str = "INFO", env: Mapping[str, str] | None = None) -> None:
+    """The stage's console logging, each line marked with this worker's rank ("[rank 1/2]")."""
+    from common.stage import setup_logging
+
+    setup_logging(level)
+    tag = f"[rank {worker_rank(env)}/{worker_world_size(env)}]"
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)-7s {tag} %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == "asr-ft":
+            handler.setFormatter(fmt)
+
+
+# --- launching -----------------------------------------------------------------------------------------
+
+
+def worker_env(nproc: int, cpus: int | None = None, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Variables to add to the parent's environment for its workers (existing settings win for OMP)."""
+    env = os.environ if env is None else env
+    extra = dict(WORKER_ENV)
+    if "OMP_NUM_THREADS" not in env:
+        if cpus is None:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        extra["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))  # the CPUs shared out (torchrun would set 1)
+    return extra
+
+
+@contextlib.contextmanager
+def _environment(extra: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with ``extra`` while the workers start (spawned workers copy it), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def describe_failure(failure: Any) -> str:
+    """A ProcessFailure as one message: the exception line, then the tail of its traceback (if recorded)."""
+    msg = failure.message
+    if isinstance(msg, dict):  # written by the worker's error handler: {"message", "extraInfo": {"py_callstack"}}
+        text = str(msg.get("message", ""))
+        stack = str(msg.get("extraInfo", {}).get("py_callstack", "")).rstrip()
+        if stack:
+            tail = stack.splitlines()[-TRACEBACK_LINES:]
+            text += "\n" + "\n".join(tail)
+        msg = text
+    return f"(exit code {failure.exitcode}, pid {failure.pid}) {msg}".rstrip()
+
+
+def launch_workers(fn: Callable[..., Any], args: Sequence[Any], nproc: int, *, device: str,
+                   run_id: str | None = None) -> dict[int, Any]:
+    """Run ``fn(*args)`` in ``nproc`` new processes (ranks 0..nproc-1 on this node); returns {rank: result}.
+
+    ``fn`` must be importable by name (a module-level function) and ``args`` picklable. The first failing
+    worker stops the others and raises WorkerFailed with its error and traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    backend = backend_for(device)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id or f"asrft-{uuid.uuid4().hex[:12]}",
+        rdzv_backend="c10d", rdzv_endpoint=RDZV_ENDPOINT, max_restarts=0, monitor_interval=MONITOR_INTERVAL_S,
+        start_method="spawn",
+    )
+    extra = worker_env(nproc)
+    log.info("launching %d worker process(es) (%s, backend %s, %s) for %s.%s", nproc, device, backend,
+             " ".join(f"{k}={v}" for k, v in extra.items()), fn.__module__, fn.__qualname__)
+    with _environment(extra):
+        try:
+            results = elastic_launch(config, fn)(*args)
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            others = sorted(r for r in e.failures if r != rank)
+            message = describe_failure(failure)
+            if others:
+                message += f"\n(ranks {others} stopped with it)"
+            raise WorkerFailed(rank, message) from None
+    log.info("all %d worker(s) finished", nproc)
+    return dict(results)
