@@ -35,7 +35,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -382,21 +382,40 @@ def merged_whisper(trainee):
     return trainee.model
 
 
-def interpolate_weights(model, pretrained_dir: Path, alpha: float) -> None:
-    """WiSE-FT: θ ← θ_pre + α·(θ_ft − θ_pre), in place. α=1 keeps the fine-tuned weights, 0 the pretrained."""
+def part_of(name: str) -> str:
+    """'encoder' for the encoder's weights (conv front-end, positions, layers, final norm), else 'decoder'
+    (its layers, token embeddings, which the output projection shares, and positions)."""
+    return "encoder" if ".encoder." in f".{name}" else "decoder"
+
+
+def merge_factors(alpha: float, encoder: float | None = None, decoder: float | None = None) -> dict[str, float]:
+    """Per-part WiSE-FT factors: each part's own value when given, else ``alpha``."""
+    return {"encoder": alpha if encoder is None else encoder, "decoder": alpha if decoder is None else decoder}
+
+
+def interpolate_weights(model, pretrained_dir: Path, alpha: float | Mapping[str, float]) -> int:
+    """WiSE-FT: θ ← θ_pre + α·(θ_ft − θ_pre), in place; α per part ({"encoder": a, "decoder": b}) or one for all.
+    α=1 keeps the fine-tuned weights, 0 the pretrained. Returns how many tensors were interpolated."""
     import torch
     from safetensors.torch import load_file
 
+    factors = alpha if isinstance(alpha, Mapping) else merge_factors(float(alpha))
     files = sorted(Path(pretrained_dir).glob("*.safetensors"))
     if not files:
-        raise TrainError(f"merge_alpha={alpha} needs the pretrained weights as safetensors in {pretrained_dir}")
+        raise TrainError(f"merge factors {dict(factors)} need the pretrained weights as safetensors in "
+                         f"{pretrained_dir}")
     pre: dict[str, Any] = {}
     for f in files:
         pre.update(load_file(str(f)))
+    done = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name in pre:
-                p.copy_(pre[name].to(p.dtype) + alpha * (p - pre[name].to(p.dtype)))
+            a = factors[part_of(name)]
+            if name in pre and a != 1.0:
+                ref = pre[name].to(p.dtype)
+                p.copy_(ref + a * (p - ref))
+                done += 1
+    return done
 
 
 def set_zh_generation(model, tokenizer) -> None:
@@ -412,12 +431,14 @@ def set_zh_generation(model, tokenizer) -> None:
 
 
 def save_final(trainee, out_dir: Path, tokenizer, fe, pretrained_dir: Path | None = None,
-               merge_alpha: float = 1.0) -> dict[str, Any]:
-    """Write ``out_dir`` atomically: safetensors weights, config, generation config, tokenizer, feature extractor."""
+               merge_alpha: float | Mapping[str, float] = 1.0) -> dict[str, Any]:
+    """Write ``out_dir`` atomically: safetensors weights, config, generation config, tokenizer, feature extractor.
+    ``merge_alpha`` (one factor, or one per part) pulls the weights back toward the pretrained ones (WiSE-FT)."""
     model = merged_whisper(trainee)
-    if merge_alpha != 1.0:
+    factors = dict(merge_alpha) if isinstance(merge_alpha, Mapping) else merge_factors(float(merge_alpha))
+    if any(a != 1.0 for a in factors.values()):
         assert pretrained_dir is not None
-        interpolate_weights(model, pretrained_dir, merge_alpha)
+        interpolate_weights(model, pretrained_dir, factors)
     set_zh_generation(model, tokenizer)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -427,7 +448,7 @@ def save_final(trainee, out_dir: Path, tokenizer, fe, pretrained_dir: Path | Non
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)
-    return {"path": out_dir.name, "merge_alpha": merge_alpha, "params": sum(p.numel() for p in model.parameters())}
+    return {"path": out_dir.name, "merge_alpha": factors, "params": sum(p.numel() for p in model.parameters())}
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
