@@ -275,7 +275,8 @@ def decode(model, base: Path, clips: list[dict[str, Any]], device: str, batch: i
 
 
 def decode_ct2(model, base: Path, clips: list[dict[str, Any]], work: Path) -> list[str]:
-    """What `asr-ft evaluate` does on CPU: CTranslate2 int8 greedy decoding of the exported model."""
+    """What `make demo` does on CPU: export to CTranslate2 with float16 storage, decode greedily with float32
+    compute (the evaluate stage's default: token-for-token the transformers output)."""
     import shutil
 
     from transformers import AutoTokenizer, WhisperFeatureExtractor
@@ -288,8 +289,8 @@ def decode_ct2(model, base: Path, clips: list[dict[str, Any]], work: Path) -> li
     model.save_pretrained(hf)
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(hf)
     WhisperFeatureExtractor.from_pretrained(str(base)).save_pretrained(hf)
-    ct2 = export_hf_to_ct2(hf, work / "ct2", "int8")
-    engine = CT2Engine(ct2, DecodeOptions(), compute_type="int8")
+    ct2 = export_hf_to_ct2(hf, work / "ct2", "float16")
+    engine = CT2Engine(ct2, DecodeOptions(), compute_type="float32")
     out: list[str] = []
     for i in range(0, len(clips), 8):
         out += engine.transcribe([c["audio"] for c in clips[i : i + 8]])
@@ -332,6 +333,11 @@ def search(data: Path, base: Path, grid: list[dict[str, Any]], out: Path, device
         t0 = time.perf_counter()
         model, info = train(spec, base, clips["train"], device)
         ft = {n: p.detach().clone() for n, p in model.named_parameters()}
+        if spec.get("save"):  # for `mix`: other interpolations of the same run without retraining
+            from safetensors.torch import save_file
+
+            (out / "models").mkdir(exist_ok=True)
+            save_file({n: t.cpu().contiguous() for n, t in ft.items()}, str(out / "models" / f"{spec['name']}.safetensors"))
         for alpha in spec["alphas"]:
             interpolate(model, pre, ft, alpha)
             t0 = time.perf_counter()
@@ -348,6 +354,38 @@ def search(data: Path, base: Path, grid: list[dict[str, Any]], out: Path, device
 def _write(path: Path, row: dict[str, Any], clips) -> None:
     row["refs"] = {s: [c["text"] for c in clips[s]] for s in row["hyps"]}
     path.write_text(json.dumps(row, ensure_ascii=False))
+
+
+def part_of(name: str) -> str:
+    return "encoder" if name.startswith("model.encoder.") else "decoder"  # decoder: its layers + embeddings
+
+
+def mix(data: Path, base: Path, out: Path, name: str, combos: list[list[float]], limit: int = 0) -> None:
+    """Per-part WiSE-FT of a saved run: θ = θ_pre + α_enc·Δ_encoder + α_dec·Δ_decoder, decoded as `evaluate` does."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import WhisperForConditionalGeneration
+
+    clips = load_bundle(data)
+    clips["heldout"] = clips["train"][-HELDOUT:]
+    if limit:
+        clips.update({s: clips[s][:limit] for s in ("test", "real", "heldout")})
+    ft = load_file(str(out / "models" / f"{name}.safetensors"))
+    model = WhisperForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32)
+    pre = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for a_enc, a_dec in combos:
+        path = out / f"{name}__e{a_enc}_d{a_dec}.json"
+        if path.exists():
+            continue
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                a = a_enc if part_of(n) == "encoder" else a_dec
+                p.copy_(pre[n] + a * (ft[n] - pre[n]))
+        t0 = time.perf_counter()
+        hyps = {s: decode_ct2(model, base, clips[s], out / "work") for s in ("test", "real", "heldout")}
+        _write(path, {"name": name, "alpha": f"enc {a_enc} dec {a_dec}", "hyps": hyps,
+                      "info": {"decode_seconds": round(time.perf_counter() - t0, 1)}}, clips)
+        print(f"{name} enc {a_enc} dec {a_dec} done", flush=True)
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
@@ -367,7 +405,7 @@ def score(paths: list[Path]) -> list[dict[str, Any]]:
         rows.append({"name": r["name"], "alpha": r["alpha"], **{f"cer_{s}": round(100 * cer(r["refs"][s], h), 2)
                                                               for s, h in r["hyps"].items()},
                      **{k: v for k, v in (r.get("info") or {}).items()}})
-    rows.sort(key=lambda x: (x["name"], -(x["alpha"] or 0)))
+    rows.sort(key=lambda x: (x["name"], str(x["alpha"])))
     for x in rows:
         print(json.dumps(x, ensure_ascii=False))
     return rows
@@ -406,7 +444,7 @@ def cpu_run(demo: Path, base: Path, settings: dict[str, Any], artifacts: Path, r
     stage("finetune", "--device", "cpu", *flags)
     run = artifacts / run_id
     t0 = time.perf_counter()
-    ct2 = export_hf_to_ct2(run / "finetune" / "final", run / "bench-ct2", "int8")
+    ct2 = export_hf_to_ct2(run / "finetune" / "final", run / "bench-ct2", "float16")
     times["export_ct2"] = round(time.perf_counter() - t0, 1)
     result = {"name": name, "settings": settings, "seconds": times, "machine": machine(),
               "finetune": json.loads((run / "finetune" / "_manifest.json").read_text())["summary"]}
@@ -417,7 +455,7 @@ def cpu_run(demo: Path, base: Path, settings: dict[str, Any], artifacts: Path, r
 def ct2_cer(ct2: Path, demo: Path) -> tuple[dict[str, float], dict[str, float]]:
     from common.transcribe import CT2Engine, DecodeOptions, Utterance, transcribe_utterances
 
-    engine = CT2Engine(ct2, DecodeOptions(), compute_type="int8")
+    engine = CT2Engine(ct2, DecodeOptions(), compute_type="float32")
     sets = {"test": (demo / "answers.csv", demo / "test_audio"),
             "real-zh-dev": (real_zh_dev_dir() / "transcripts.csv", real_zh_dev_dir() / "audio")}
     cers, secs = {}, {}
@@ -430,14 +468,31 @@ def ct2_cer(ct2: Path, demo: Path) -> tuple[dict[str, float], dict[str, float]]:
     return cers, secs
 
 
-def append_result(row: dict[str, Any]) -> None:
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"candidates": []}
-    row["date"] = datetime.now(UTC).isoformat(timespec="seconds")
-    data["candidates"].append(row)
+def record(paths: list[Path], label: str, device: str, note: str) -> None:
+    """Add scored search rows (one per candidate x alpha) to the results file under "search"."""
+    rows = score(paths)
+    keep = ("mode", "frozen_encoder_layers", "lora_r", "lora_parts", "lora_targets", "lr", "epochs", "batch",
+            "n_train", "context_s", "pack", "lora_dropout", "seed", "label_smoothing")
+    specs = {json.loads(p.read_text())["name"]: json.loads(p.read_text()).get("spec") or {} for p in paths}
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    batch = {"label": label, "device": device, "note": note, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+             "rows": [{**r, "spec": {k: v for k, v in specs.get(r["name"], {}).items() if k in keep}} for r in rows]}
+    data.setdefault("search", []).append(batch)
+    _save(data)
+
+
+def _save(data: dict[str, Any]) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     tmp.replace(RESULTS)
+
+
+def append_result(row: dict[str, Any]) -> None:
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    row["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    data.setdefault("pipeline_runs", []).append(row)
+    _save(data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,6 +510,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--limit", type=int, default=0, help="evaluate on the first N clips of each set (smoke)")
     s.add_argument("--decoder", choices=("hf", "ct2"), default="hf",
                    help="hf: transformers greedy (any device); ct2: CTranslate2 int8 as `asr-ft evaluate` (CPU)")
+    r = sub.add_parser("record")
+    r.add_argument("paths", type=Path, nargs="+")
+    r.add_argument("--label", required=True)
+    r.add_argument("--device", required=True)
+    r.add_argument("--note", default="")
+    m = sub.add_parser("mix")
+    m.add_argument("--data", type=Path, required=True)
+    m.add_argument("--model", type=Path, required=True)
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--name", required=True)
+    m.add_argument("--combos", required=True, help='JSON [[alpha_encoder, alpha_decoder], ...]')
+    m.add_argument("--limit", type=int, default=0)
     sc = sub.add_parser("score")
     sc.add_argument("paths", type=Path, nargs="+")
     c = sub.add_parser("cpu")
@@ -469,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         bundle(a.demo_data, a.out)
     elif a.cmd == "search":
         search(a.data, a.model, json.loads(a.grid.read_text()), a.out, a.device, a.limit, a.decoder)
+    elif a.cmd == "record":
+        record(a.paths, a.label, a.device, a.note)
+    elif a.cmd == "mix":
+        mix(a.data, a.model, a.out, a.name, json.loads(a.combos), a.limit)
     elif a.cmd == "score":
         score(a.paths)
     else:
