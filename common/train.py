@@ -454,3 +454,67 @@ def save_final(trainee, out_dir: Path, tokenizer, fe, pretrained_dir: Path | Non
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
     return max(1, math.ceil(math.ceil(n_examples / (batch_size * world_size)) / grad_accum))
 
+
+
+# --- the final model of a DeepSpeed run: the fp32 master weights of its last ZeRO checkpoint ----------------
+
+
+def load_trained_weights(trainee, weights: Mapping[str, Any]) -> list[str]:
+    """Copy the trainable parameters' values from ``weights`` (name → tensor, or a lazy tensor whose
+    ``.contiguous()`` gives one, as DeepSpeed's zero_to_fp32 returns) into ``trainee``, cast to each
+    parameter's dtype; frozen parameters and buffers keep their values. Returns the names copied.
+    Raises TrainError when the names or shapes do not match this trainee (another model or mode)."""
+    import torch
+
+    params = dict(trainee.named_parameters())  # a tied weight appears once, under its first name
+    wanted = [n for n, p in params.items() if p.requires_grad]
+    missing = [n for n in wanted if n not in weights]
+    unknown = sorted(set(weights) - set(trainee.state_dict()))  # the state dict also names tied aliases, buffers
+    if missing or unknown:
+        raise TrainError(
+            f"the trained weights do not fit this model/mode: {len(missing)} trainable parameters missing "
+            f"{missing[:3]}, {len(unknown)} unknown names {unknown[:3]}; they must come from a run of the same "
+            "pretrained model, mode and LoRA settings"
+        )
+    with torch.no_grad():
+        for name in wanted:
+            value = weights[name].contiguous()
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise TrainError(f"trained weight {name} has shape {tuple(value.shape)}, this model's "
+                                 f"{tuple(params[name].shape)}: not a run of the same model")
+            params[name].copy_(value)
+            del value
+    return wanted
+
+
+def _leave_zero3_init() -> None:
+    """Models loaded from now on are plain ones: while the Trainer's DeepSpeed ZeRO-3 config is registered,
+    ``from_pretrained`` builds models partitioned (deepspeed.zero.Init), which needs every rank."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+    except ImportError:  # a transformers without the DeepSpeed integration registers nothing
+        return
+    if is_deepspeed_zero3_enabled():
+        unset_hf_deepspeed_config()
+
+
+def trainee_from_zero_checkpoint(checkpoint: Path, pretrained_dir: Path, spec: ModeSpec):
+    """A fresh trainee on the CPU, built from ``pretrained_dir`` as ``spec`` says, holding the fp32 master
+    weights of the DeepSpeed ZeRO-2/3 ``checkpoint`` of that training (its trainable parameters; the frozen
+    ones stay the exact fp32 pretrained values, where ZeRO holds only a 16-bit copy). One process, no GPU,
+    no collective: rank 0 alone calls it after training. For LoRA the checkpoint's adapters are loaded
+    (save_final merges them)."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from common.zero_export import zero_fp32_weights
+
+    _leave_zero3_init()
+    model = WhisperForConditionalGeneration.from_pretrained(str(pretrained_dir), torch_dtype=torch.float32)
+    trainee = make_trainee(model, spec)
+    t0 = time.perf_counter()
+    names = set(load_trained_weights(trainee, zero_fp32_weights(checkpoint)))
+    log.info("loaded the fp32 master weights of %d trained tensors (%d values) from the ZeRO checkpoint %s "
+             "in %.1f s", len(names), sum(p.numel() for n, p in trainee.named_parameters() if n in names),
+             checkpoint, time.perf_counter() - t0)
+    return trainee

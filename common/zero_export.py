@@ -224,3 +224,31 @@ def consolidate_zero_checkpoint(
         raise
     log.info("zero export: wrote %s (%s)", out_dir, ", ".join(files))
     return out_dir
+
+
+def zero_fp32_weights(checkpoint_dir: str | Path, *, tag: str | None = None,
+                      trainable_only: bool = True) -> dict[str, Any]:
+    """The fp32 master weights of a ZeRO-2/3 checkpoint by parameter name, as the trained module named them.
+
+    Values are lazy where DeepSpeed allows (ZeRO-3): `value.contiguous()` reads one tensor, so the caller can
+    copy weight by weight without a second fp32 copy of the model in RAM. `trainable_only` leaves out frozen
+    parameters: ZeRO keeps no fp32 master of those, only their 16-bit training copy (take them from the
+    pretrained model instead). Tied weights appear under each of their names. `tag` as in
+    `consolidate_zero_checkpoint`. Needs no GPU.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tag = tag or zero_checkpoint_tag(checkpoint_dir)
+    if tag not in zero_tags(checkpoint_dir):
+        raise ZeroCheckpointError(f"{checkpoint_dir} has no ZeRO shards for tag {tag!r}; it has {zero_tags(checkpoint_dir)}")
+    _check_shards(checkpoint_dir, tag)
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as e:
+        raise ZeroCheckpointError(
+            f"reading the fp32 master weights of {checkpoint_dir} needs DeepSpeed ({e}); install it with: "
+            "pip install 'asr-ft[gpu]'"
+        ) from e
+    log.info("zero weights: reading the fp32 master weights of %s/%s%s", checkpoint_dir, tag,
+             " (trainable parameters)" if trainable_only else "")
+    return dict(get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoint_dir), tag=tag, exclude_frozen_parameters=trainable_only, lazy_mode=True))

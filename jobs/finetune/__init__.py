@@ -27,18 +27,24 @@ Order of work (each step logged):
    the setup includes which loop trains, so the two checkpoint kinds never mix.
 5. ``final/``: a plain Whisper folder (LoRA merged; optionally interpolated with the pretrained weights by
    ``--merge-alpha``), with tokenizer, feature extractor and a zh/transcribe generation config;
-   ``trainer_state.json`` (loss history) beside it.
+   ``trainer_state.json`` (loss history) beside it. After a DeepSpeed run (ZeRO-3 partitions the weights across
+   ranks; under bf16 the module holds only 16-bit copies) the weights are the fp32 master weights of the last
+   ZeRO checkpoint, read on the CPU by rank 0 into a fresh copy of the pretrained model.
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import logging
 import os
 import random
 import shutil
+import socket
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -337,6 +343,39 @@ def fast_path_decision(s: FinetuneSettings, the_plan: Any, trainee: Any) -> tupl
     return True, why
 
 
+def deepspeed_rendezvous(the_plan: Any, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Variables a stage process not started by a launcher needs to train with DeepSpeed on its one GPU (empty
+    when none are needed): DeepSpeed always joins a torch.distributed group, and without RANK / WORLD_SIZE /
+    MASTER_ADDR / ... it tries MPI discovery and fails (no mpi4py). A one-rank group on a free local port."""
+    from common.launch import is_worker
+
+    env = os.environ if env is None else env
+    if not the_plan.value("deepspeed") or is_worker(env):
+        return {}
+    assert the_plan.world_size == 1, "world size > 1 is launched (launch_finetune) before training starts"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+
+
+@contextmanager
+def _environment(extra: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with ``extra`` inside the block, as it was afterwards (later stages in this process must not
+    take themselves for launched workers)."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Any, train_ds: Any, eval_ds: Any, collator: Any,
                        resume: Path | None) -> dict[str, Any]:
     """The Hugging Face Trainer (DDP between launched workers, DeepSpeed when the plan says so)."""
@@ -358,13 +397,23 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Any, train_ds:
     if "logging_dir" in inspect.signature(Seq2SeqTrainingArguments).parameters:  # transformers < 5
         extra_args["logging_dir"] = str(ctx.out / TENSORBOARD)
     kwargs = training_arguments_kwargs(the_plan, ctx.out / CHECKPOINTS, **extra_args)
-    args = Seq2SeqTrainingArguments(**kwargs)
-    rank_zero = is_rank_zero()
-    trainer = make_trainer(trainee, args, train_ds, collator, on_save=ctx.sync if rank_zero else None,
-                           eval_dataset=eval_ds, callbacks=[regroup_each_epoch(train_ds)] if s.pack_clips > 1 else [])
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    rendezvous = deepspeed_rendezvous(the_plan)
+    if rendezvous:
+        log.info("DeepSpeed on one GPU: a one-process torch.distributed group on 127.0.0.1:%s",
+                 rendezvous["MASTER_PORT"])
+    with _environment(rendezvous):
+        args = Seq2SeqTrainingArguments(**kwargs)
+        rank_zero = is_rank_zero()
+        trainer = make_trainer(trainee, args, train_ds, collator, on_save=ctx.sync if rank_zero else None,
+                               eval_dataset=eval_ds,
+                               callbacks=[regroup_each_epoch(train_ds)] if s.pack_clips > 1 else [])
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if rank_zero:
         trainer.state.save_to_json(str(ctx.out / "trainer_state.json"))
+    if the_plan.value("deepspeed"):
+        # final/ comes from the last ZeRO checkpoint: let go of the engine, its partitions and (offloaded)
+        # optimizer state first, so the fresh fp32 copy has the memory
+        trainer.accelerator.free_memory()
     return {
         "global_step": trainer.state.global_step,
         "train_loss": round(result.training_loss, 4) if result.training_loss is not None else None,
@@ -395,6 +444,54 @@ def train_with_fast_path(ctx: StageContext, trainee: Any, the_plan: Any, train_d
         "losses": [h["loss"] for h in result["log_history"] if "loss" in h],
         "speed": {"fast_path_speed": {k: result.get(k) for k in FAST_SPEED_KEYS}},
     }
+
+
+# --- final/: from the trained module, or from the last ZeRO checkpoint ------------------------------------
+
+FINAL_FROM_MODULE = "trained module"
+FINAL_FROM_ZERO = "zero checkpoint"
+
+
+def final_weights_source(the_plan: Any, fast_path: bool) -> tuple[str, str]:
+    """Where final/'s weights come from, and why: FINAL_FROM_MODULE (the module that trained holds them in fp32)
+    or FINAL_FROM_ZERO (DeepSpeed: the fp32 master weights of the last ZeRO checkpoint, read on the CPU)."""
+    config = the_plan.value("deepspeed")
+    if fast_path:
+        return FINAL_FROM_MODULE, "the fast loop writes its fp32 master weights back into the module"
+    if not config:
+        return FINAL_FROM_MODULE, "trained without DeepSpeed: the module holds the fp32 weights"
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        why = ("ZeRO-3 partitions every parameter across the ranks: the module on rank 0 holds only its shard "
+               "(saving it would write empty tensors)")
+    else:
+        dtype = "bf16" if config.get("bf16", {}).get("enabled") else "fp16" if config.get("fp16", {}).get("enabled") \
+            else None
+        why = (f"under DeepSpeed {dtype} the module holds 16-bit copies of the weights (frozen ones included); the "
+               "fp32 masters live in the optimizer" if dtype else
+               f"ZeRO-{stage} keeps the fp32 master weights in the optimizer's partitions")
+    return FINAL_FROM_ZERO, (f"{why}: final/ takes the fp32 master weights from the last ZeRO checkpoint "
+                             "(DeepSpeed's zero_to_fp32 on the CPU, rank 0 alone; frozen weights from the pretrained "
+                             "model)")
+
+
+def final_trainee_from_zero(ctx: StageContext, model_dir: Path, spec: Any, global_step: int) -> Any:
+    """A fresh CPU trainee with the fp32 master weights of checkpoints/checkpoint-<global_step> (the Trainer saves
+    one at the last step: save_strategy "steps" saves when training ends)."""
+    from common.train import TrainError, checkpoint_step, last_checkpoint, trainee_from_zero_checkpoint
+    from common.zero_export import ZeroCheckpointError
+
+    last = last_checkpoint(ctx.out / CHECKPOINTS)
+    if last is None or checkpoint_step(last) != global_step:
+        raise StageFailed(
+            f"final/ of a DeepSpeed run is built from the checkpoint of the last step, "
+            f"{CHECKPOINTS}/checkpoint-{global_step}, but the newest complete one is {last}; run the stage again "
+            "(it resumes) or with --force"
+        )
+    try:
+        return trainee_from_zero_checkpoint(last, model_dir, spec)
+    except (ZeroCheckpointError, TrainError) as e:
+        raise StageFailed(f"cannot build final/ from {last}: {e}") from None
 
 
 # --- several processes: the stage launches its own workers ------------------------------------------------
@@ -647,9 +744,16 @@ def finetune(ctx: StageContext, worker: WorkerJob | None = None) -> dict[str, An
     if not is_rank_zero():
         return {"rank": worker_rank(), "global_step": trained["global_step"], "train_loss": trained["train_loss"]}
 
-    # 5. final model
+    # 5. final model: from the trained module, or (DeepSpeed) from the fp32 master weights of the last checkpoint
+    source, source_reason = final_weights_source(the_plan, fast)
+    log.info("final/ weights 最终权重: %s (%s)", source, source_reason)
+    if source == FINAL_FROM_ZERO:
+        del trainee, model, train_ds, eval_ds  # the partitioned / 16-bit training copies (and any encoder cache)
+        gc.collect()
+        trainee = final_trainee_from_zero(ctx, model_dir, spec, trained["global_step"])
     final = save_final(trainee, ctx.out / FINAL, tokenizer, fe, model_dir,
                        merge_factors(s.merge_alpha, s.merge_alpha_encoder, s.merge_alpha_decoder))
+    final["weights_from"] = source
     losses = trained["losses"]
     summary = {
         "mode": spec.mode,
