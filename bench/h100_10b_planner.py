@@ -634,6 +634,7 @@ def parent(a: argparse.Namespace) -> int:
         done = measured["steps_completed"] >= a.warmup_steps + a.steps and measured["returncode"] == 0
         result["planner"] = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "command": result["command"],  # the top-level one is the last run's (--only keeps the other section)
             "choice": {k: planner_choice[k] for k in planner_choice if k != "deepspeed"},
             "deepspeed": planner_choice["deepspeed"],
             "reason": p.decision("mode").reason,
@@ -654,6 +655,7 @@ def parent(a: argparse.Namespace) -> int:
         measured = run_case("seed", seed_choice, a, out)
         result["seed_config"] = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "command": result["command"],
             "description": "seed report's recipe: DeepSpeed ZeRO-3, offload_param + offload_optimizer to CPU "
                            "(pinned), stage3_max_live_parameters 1e8, full fine-tune, bf16, micro-batch 1, "
                            "gradient checkpointing",

@@ -17,7 +17,9 @@ Chinese sentence; the decoder reads 44 positions with the prompt).
 (b) ``asrft``: ``common.fast_train.train_fast`` with the plan ``common.planner.plan`` makes for this model on
     this GPU (as the finetune stage calls it: mode auto, 2000 training clips, fp32 load dtype), through the
     stage's own trainee (``common.train.make_trainee``) and collator (``WhisperCollator``), default options.
-    Further fast-path variants (eager, autocast, accumulation 1) are timed for the record.
+    Further fast-path variants are timed for the record: eager (what ``compile="auto"`` runs for plans shorter
+    than ``COMPILE_MIN_STEPS``), ``master-compiled-sync`` (``host_positions=False``: transformers' decoder then
+    syncs host and GPU once per micro-batch), encoder-only compilation, autocast, accumulation 1.
 
 Speed: median of the timed optimizer steps after ``TIMING_WARMUP_STEPS`` warm-up steps (compilation and
 allocator growth excluded; data loading included), as samples per second. MFU: model FLOPs per sample
@@ -262,12 +264,15 @@ VARIANTS = {
     # name: (FastOptions fields, plan overrides, reset compile caches first)
     "master-compiled": ({"precision": "master", "compile": "on"}, {}, True),
     "master-compiled-accum1": ({"precision": "master", "compile": "on"}, {"grad_accum": 1}, False),
+    "master-compiled-encoder": ({"precision": "master", "compile": "on", "compile_parts": "encoder"}, {}, False),
+    "master-compiled-sync": ({"precision": "master", "compile": "on", "host_positions": False}, {}, False),
     "master-eager": ({"precision": "master", "compile": "off"}, {}, True),
     "autocast-eager": ({"precision": "autocast", "compile": "off"}, {}, True),
 }
 
 
-def run_fast(the_plan: Any, name: str, warmup: int, steps: int, profile_steps: int) -> dict[str, Any]:
+def run_fast(the_plan: Any, name: str, warmup: int, steps: int, profile_steps: int,
+             trace: str | None = None) -> dict[str, Any]:
     import torch
 
     from common.fast_train import TIMING_WARMUP_STEPS, FastOptions, train_fast
@@ -288,7 +293,8 @@ def run_fast(the_plan: Any, name: str, warmup: int, steps: int, profile_steps: i
     model = new_model()
     trainee = make_trainee(model, ModeSpec(mode=run_plan.mode))
     options = FastOptions(**fields, max_steps=warmup + steps + profile_steps, save=False,
-                          profile_steps=profile_steps, progress=False)
+                          profile_steps=profile_steps, profile_trace=trace if profile_steps else None,
+                          progress=False)
     t0 = time.perf_counter()
     result = train_fast(trainee, RandomClips(N_TRAIN, False), WhisperCollator(EOT), run_plan, "unused",
                         options=options)
@@ -327,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-steps", type=int, default=2, help="steps profiled (torch.profiler) in the main variant")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="fast-path variants; the first is the asrft figure")
     ap.add_argument("--skip-recipe", action="store_true")
+    ap.add_argument("--trace", help="write the main variant's profiled steps as a Chrome trace here (.json.gz)")
     ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -370,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(variants):
         try:
             report["variants"][name] = run_fast(the_plan, name, TIMING_WARMUP_STEPS, args.steps,
-                                                args.profile_steps if i == 0 else 0)
+                                                args.profile_steps if i == 0 else 0, args.trace)
         except Exception as e:  # one failing variant must not lose the others
             report["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             traceback.print_exc()

@@ -13,11 +13,12 @@ Precision (``FastOptions.precision``):
 
     master    (default) every trainable weight lives in one flat fp32 buffer per weight-decay group (the master
               copy, updated by ``torch.optim.AdamW(fused=True)``); the model computes with a bf16 copy whose
-              tensors are views into one flat bf16 buffer, and gradients land in one flat bf16 buffer. After
-              each micro-batch the bf16 gradients are added into an fp32 gradient buffer (accumulation in
-              fp32); after the optimizer step the masters are copied back to bf16 (one kernel per group).
-              Bytes per trainable parameter: 2 (bf16 weight) + 2 (bf16 grad) + 4 (master) + 8 (moments)
-              = 16 while activations live, + 4 (fp32 grad) during the optimizer step and while accumulating.
+              tensors are views into one flat bf16 buffer. Autograd hands each gradient over as a fresh bf16
+              tensor (``p.grad`` starts as None: no add kernel per parameter); after each micro-batch they are
+              copied (first micro-batch) or added into one persistent flat fp32 gradient buffer with
+              multi-tensor ops and released (accumulation in fp32); after the optimizer step the masters are
+              copied back to bf16 (one kernel per group). Bytes per trainable parameter: 2 (bf16 weight)
+              + 4 (fp32 grad) + 4 (master) + 8 (moments) = 18, + 2 (bf16 grads) at the end of a backward.
     autocast  fp32 weights, ``torch.autocast(bfloat16)``, fused AdamW over the fp32 weights (the Trainer's
               bf16 mode without its overheads): 18 bytes per parameter, activations partly in fp32.
 
@@ -27,12 +28,18 @@ Both keep fp32 master weights: the optimizer updates fp32 numbers, so updates fa
 Measured on one H100 80GB (``bench/h100_train_throughput.py`` → ``bench/results/h100-train-throughput.json``;
 Whisper large-v3 shape, 30-s inputs, batch 16 x accumulation 2, torch 2.11, transformers 5.17):
 
-    master, compiled layers, cuDNN attention   37.1 samples/s   70.7 GB   (the defaults)
-    master, eager                              31.3 samples/s   70.7 GB
-    autocast (fp32 weights), eager             29.1 samples/s   80.2 GB
-    Hugging Face recipe (fp16, checkpointing)  19.6 samples/s   28.5 GB
+    (two runs, 2026-11-25; the committed JSON holds the second)
+    master, compiled layers, cuDNN attention   45.6 / 43.8 samples/s   67.6 GB   (the defaults)
+    the same with the decoder's sync           38.2 / 37.5 samples/s             (host_positions=False)
+    master, eager                              39.1 / 36.8 samples/s   67.6 GB
+    Hugging Face recipe (fp16, checkpointing)  19.2 / 17.5 samples/s   28.1 GB
     attention fwd+bwd, 16 x 20 heads x 1500    cuDNN 2.0 ms, flash 3.1 ms (``attention="auto"`` times both)
-    torch.compile (64 layers, regional)        ~25 s once, then 1.19x: pays after ~160 steps
+    torch.compile (64 layers, regional)        24-29 s once, then 1.16-1.19x: pays after ~210 steps
+
+What made the difference (torch.profiler, one step): transformers' decoder checked its position ids with a
+data-dependent ``if`` on a GPU tensor, a sync per micro-batch after which the decoder's small kernels ran at
+the host's launch rate (GPU busy 69 % of the step, 0.17 s/step idle in 20-100 µs gaps); with host-made
+positions (``HostDecoderPositions``) the host stays ahead and the GPU is busy 93 %.
 
 Checkpoints (``checkpoint-<step>/``, written to a temporary folder and renamed: a folder that exists is complete):
 
@@ -76,8 +83,8 @@ MAX_GRAD_NORM = 1.0
 TIMING_WARMUP_STEPS = 3  # steps left out of the steady-state speed: compilation, allocator growth, autotuning
 # torch.compile of the transformer layers pays after this many optimizer steps. Measured on an H100 for
 # Whisper large-v3, batch 16 x 2 (bench/results/h100-train-throughput.json "compile"): compiling costs
-# ~25 s (cold cache) and saves 0.16 s per step (1.19x): break-even after ~157 steps.
-COMPILE_MIN_STEPS = 160
+# 24-29 s (cold cache) and saves 0.115-0.14 s per step (1.16-1.19x): break-even after ~207-210 steps.
+COMPILE_MIN_STEPS = 210
 SDPA_PROBE_ITERS = 10  # fwd+bwd repetitions per attention backend when picking the fastest
 
 
@@ -89,15 +96,19 @@ class FastTrainError(ValueError):
 class FastOptions:
     precision: Literal["master", "autocast"] = "master"
     compile: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA when the run has >= COMPILE_MIN_STEPS steps
+    compile_parts: Literal["all", "encoder"] = "all"  # which stacks' layers torch.compile takes
     attention: Literal["auto", "flash", "cudnn", "efficient", "default"] = "auto"  # auto: time them, take the fastest
     max_grad_norm: float = MAX_GRAD_NORM
     max_steps: int | None = None  # replaces the plan's max_steps (benchmarks, smoke runs); the schedule follows it
     save: bool = True  # write checkpoints (at save_steps and at the end)
     profile_steps: int = 0  # profile this many steps after the warm-up (torch.profiler); left out of the timing
+    profile_trace: str | None = None  # also write the profiled steps as a Chrome trace here (.json or .json.gz)
     prefetch_factor: int = 4  # batches each DataLoader worker prepares ahead
     seed: int = 0  # data order (one permutation per epoch) and dropout
     tensorboard_dir: str | None = None
     progress: bool = True
+    host_positions: bool = True  # decoder position ids made on the host: no sync per micro-batch (HostDecoderPositions)
+    expandable_segments: bool = True  # CUDA allocator grows segments in place (less fragmentation near a full GPU)
 
 
 # --- when the fast path applies ------------------------------------------------------------------------
@@ -139,8 +150,8 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class _FlatGroup:
-    """One weight-decay group: fp32 master, bf16 working copy and bf16 gradients, each one flat buffer;
-    the model's parameters become views into the working buffer, their ``.grad`` views into the gradient one."""
+    """One weight-decay group: fp32 master and bf16 working copy, each one flat buffer (the model's parameters
+    become views into the working one), and one persistent flat fp32 gradient buffer (``master.grad``)."""
 
     def __init__(self, named: Sequence[tuple[str, Any]], weight_decay: float, dtype: Any, device: Any):
         import torch
@@ -160,10 +171,12 @@ class _FlatGroup:
             for p, o, n in zip(self.params, self.offsets, self.numels, strict=True):
                 self.master[o : o + n].copy_(p.detach().reshape(-1))
             self.work = self.master.to(dtype)
-            self.grad = torch.zeros_like(self.work)
-        for p, view, gview in zip(self.params, self.views(self.work), self.views(self.grad), strict=True):
+            # allocated once: no multi-GB allocation and free per step (allocator churn, fragmentation)
+            self.master.grad = torch.zeros_like(self.master)
+        self.grad_views = self.views(self.master.grad)
+        for p, view in zip(self.params, self.views(self.work), strict=True):
             p.data = view  # the old fp32 storage is freed once nothing else holds it
-            p.grad = gview  # autograd accumulates into it in place (backward runs without grad mode)
+            p.grad = None  # autograd hands over each gradient as a fresh bf16 tensor (no add kernel)
 
     def views(self, flat: Any) -> list[Any]:
         return [flat[o : o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes, strict=True)]
@@ -202,13 +215,24 @@ class MasterWeights:
         return [{"names": g.names, "weight_decay": g.weight_decay, "elements": g.master.numel()} for g in self.groups]
 
     def accumulate(self, first: bool) -> None:
-        """Add this micro-batch's bf16 gradients into the fp32 gradients; zero the bf16 buffer."""
-        for g in self.groups:
-            if first or g.master.grad is None:
-                g.master.grad = g.grad.float()
-            else:
-                g.master.grad.add_(g.grad)
-            g.grad.zero_()
+        """Move this micro-batch's bf16 gradients (``p.grad``, as autograd left them) into the fp32 gradients:
+        copied on the first micro-batch of a step, added after it; multi-tensor ops, a few launches per group.
+        A parameter the micro-batch did not reach (``p.grad`` None) contributes zero."""
+        import torch
+
+        with torch.no_grad():
+            for g in self.groups:
+                dst = [v for v, p in zip(g.grad_views, g.params, strict=True) if p.grad is not None]
+                src = [p.grad for p in g.params if p.grad is not None]
+                if first:
+                    if len(src) < len(g.params):
+                        g.master.grad.zero_()
+                    if src:
+                        torch._foreach_copy_(dst, src)
+                elif src:
+                    torch._foreach_add_(dst, src)
+                for p in g.params:
+                    p.grad = None
 
     def clip_(self, max_norm: float) -> Any:
         """Scale the fp32 gradients to a total L2 norm of at most ``max_norm`` (as clip_grad_norm_, no host
@@ -224,10 +248,9 @@ class MasterWeights:
         return total
 
     def publish(self) -> None:
-        """Copy the updated masters into the working weights; free the fp32 gradients."""
+        """Copy the updated masters into the working weights (the fp32 gradients stay allocated)."""
         for g in self.groups:
             g.work.copy_(g.master)
-            g.master.grad = None
 
     def named_masters(self) -> Iterator[tuple[str, Any, Any]]:
         """(name, parameter, its fp32 master view)."""
@@ -341,22 +364,93 @@ def fp32_state_dict(prep: _Prepared) -> dict[str, Any]:
     return {k: out[k] if k in out else v.detach().cpu() for k, v in prep.hf.state_dict().items()}
 
 
+# --- decoder positions made on the host -------------------------------------------------------------------
+
+
+class HostDecoderPositions:
+    """Keeps one host-device sync per micro-batch out of the training step.
+
+    transformers' mask code (``find_packed_sequence_indices``, 5.x) checks the decoder's position ids for
+    packed sequences with a data-dependent ``if`` on a GPU tensor: a sync that empties the GPU's queue just as
+    the decoder starts (measured on the H100: the decoder's forward and backward then run at the speed the
+    host launches kernels, the GPU ~30 % busy). While installed, the decoder of a model in training gets its
+    position ids as a host tensor (``arange`` per row: the values it computes itself without a cache), so
+    that check runs on the CPU; the positional embedding then takes its first T rows by slicing, the same
+    values it would gather. Nothing changes where the decoder is given positions, a cache or no ``position_ids``
+    argument at all."""
+
+    def __init__(self, hf: Any):
+        self.handles: list[Any] = []
+        self._host: dict[tuple[int, int], Any] = {}
+        decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+        embed = getattr(decoder, "embed_positions", None)
+        if decoder is None or embed is None or "position_ids" not in _parameters_of(decoder.forward):
+            return
+        self.handles = [decoder.register_forward_pre_hook(self._decoder_hook, with_kwargs=True),
+                        embed.register_forward_pre_hook(self._embed_hook, with_kwargs=True)]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.handles)
+
+    def _decoder_hook(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        import torch
+
+        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if ref is None and args:
+            ref = args[0]
+        cached = any(kwargs.get(k) is not None for k in ("past_key_values", "cache", "cache_position"))
+        if not module.training or ref is None or kwargs.get("position_ids") is not None or cached:
+            return None
+        shape = (ref.shape[0], ref.shape[1])
+        if shape not in self._host:
+            self._host[shape] = torch.arange(shape[1]).expand(*shape)
+        return args, {**kwargs, "position_ids": self._host[shape]}
+
+    def _embed_hook(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        positions = kwargs.get("position_ids")
+        if positions is None or not any(positions is t for t in self._host.values()):
+            return None
+        return args, {**kwargs, "position_ids": None}  # rows 0..T-1 by slicing: the same values
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self) -> HostDecoderPositions:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _parameters_of(fn: Callable) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 # --- torch.compile and attention -----------------------------------------------------------------------
 
 
-def transformer_layers(hf: Any) -> list[Any]:
-    """The repeated blocks (every element of a ModuleList named ``layers``): compiled one by one, so the
-    compiled code of one layer serves all its siblings (regional compilation: seconds, not minutes)."""
+def transformer_layers(hf: Any, parts: str = "all") -> list[Any]:
+    """The repeated blocks (every element of a ModuleList named ``layers``; ``parts="encoder"``: those under
+    an ``encoder`` module only): compiled one by one, so the compiled code of one layer serves all its
+    siblings (regional compilation: seconds, not minutes)."""
     from torch import nn
 
     return [layer for name, m in hf.named_modules() if isinstance(m, nn.ModuleList) and name.endswith("layers")
-            for layer in m]
+            and (parts == "all" or "encoder" in name.split(".")) for layer in m]
 
 
-def compile_layers(hf: Any) -> int:
+def compile_layers(hf: Any, parts: str = "all") -> int:
     import torch._dynamo
 
-    layers = transformer_layers(hf)
+    layers = transformer_layers(hf, parts)
     # Identical layers share one compiled graph; should a torch version guard per instance instead, every
     # layer must still fit the recompilation limit (else the rest would silently run eagerly).
     cfg = torch._dynamo.config
@@ -711,11 +805,13 @@ def summarize_profile(prof: Any, steps: int, top: int = 15) -> dict[str, Any]:
 
     by_name: dict[str, list[float]] = {}
     host: dict[str, list[float]] = {}
+    spans: list[tuple[float, float, str]] = []
     first, last = math.inf, 0.0
     for evt in prof.events():
         if evt.device_type == DeviceType.CUDA:  # kernels, memcpys, memsets; not record_function ranges
             if getattr(evt, "is_user_annotation", False) or "#" in evt.name:
                 continue
+            spans.append((evt.time_range.start, evt.time_range.end, evt.name))
             acc = by_name.setdefault(evt.name, [0.0, 0])
             acc[0] += evt.time_range.elapsed_us() / 1e6
             acc[1] += 1
@@ -742,6 +838,31 @@ def summarize_profile(prof: Any, steps: int, top: int = 15) -> dict[str, Any]:
         ],
         "host_calls_per_step": {n: {"calls": round(c / steps, 1), "host_seconds": round(t / steps, 4)}
                                 for n, (t, c) in sorted(host.items(), key=lambda x: -x[1][0])},
+        **idle_gaps(spans, steps),
+    }
+
+
+IDLE_GAP_MIN_US = 20.0  # GPU idle stretches shorter than this are launch jitter, not stalls
+
+
+def idle_gaps(spans: Sequence[tuple[float, float, str]], steps: int, top: int = 12) -> dict[str, Any]:
+    """Where the GPU waits: stretches (µs timestamps) with no kernel running, summed per step by length
+    class, and the longest ones with the kernels before and after them (a stall's neighbours name it)."""
+    ordered = sorted(spans)
+    gaps: list[tuple[float, str, str]] = []
+    end, before = -math.inf, ""
+    for start, stop, name in ordered:
+        if start - end >= IDLE_GAP_MIN_US and end > -math.inf:
+            gaps.append((start - end, before, name))
+        if stop > end:
+            end, before = stop, name
+    classes = {"20us-100us": (20, 100), "100us-1ms": (100, 1000), "1ms-10ms": (1000, 10000), ">10ms": (10000, math.inf)}
+    return {
+        "idle_seconds_per_step_by_gap": {k: round(sum(g for g, _, _ in gaps if lo <= g < hi) / 1e6 / steps, 4)
+                                         for k, (lo, hi) in classes.items()},
+        "idle_gaps_per_step": round(len(gaps) / steps, 1),
+        "longest_idle_gaps": [{"ms": round(g / 1000, 3), "after": b[:100], "before": a[:100]}
+                              for g, b, a in sorted(gaps, key=lambda x: -x[0])[:top]],
     }
 
 
@@ -800,6 +921,8 @@ def train_fast(
         torch.backends.cudnn.allow_tf32 = True
 
     t_setup = time.perf_counter()
+    if cuda and opt.expandable_segments:
+        _expandable_segments()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     prep = prepare_model(trainee, device, opt.precision, float(_plan_value(plan, "weight_decay", 0.0)))
@@ -841,7 +964,7 @@ def train_fast(
         else:
             attention = "default"
     compiled = opt.compile == "on" or (opt.compile == "auto" and cuda and total_steps - step >= COMPILE_MIN_STEPS)
-    n_compiled = compile_layers(hf) if compiled else 0
+    n_compiled = compile_layers(hf, opt.compile_parts) if compiled else 0
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if opt.precision == "autocast" else contextlib.nullcontext()
     input_dtype = prep.dtype if opt.precision == "master" else None
     pad_id = getattr(hf.config, "pad_token_id", None)
@@ -864,7 +987,9 @@ def train_fast(
     t_train = time.perf_counter()
     sizes = batches.group_sizes()
     bar = tqdm(total=total_steps, initial=step, desc="fast fine-tune", unit="step", disable=not opt.progress)
-    with sdpa_context(attention):
+    positions = HostDecoderPositions(hf) if opt.host_positions else contextlib.nullcontext()
+    host_positions = bool(opt.host_positions and positions.active)
+    with sdpa_context(attention), positions:
         while step < total_steps:
             if step in profile_at and prof_ctx is None:
                 prof_ctx = _start_profiler(cuda)
@@ -903,6 +1028,8 @@ def train_fast(
             bar.update(1)
             if prof_ctx is not None and step - 1 == profile_at[-1]:
                 prof_ctx.__exit__(None, None, None)
+                if opt.profile_trace:
+                    prof_ctx.export_chrome_trace(opt.profile_trace)
                 if cuda:
                     try:
                         profile = summarize_profile(prof_ctx, len(profile_at))
@@ -965,6 +1092,7 @@ def train_fast(
         "attention": attention,
         "attention_probe_ms": attention_probe,
         "compiled_layers": n_compiled,
+        "host_decoder_positions": host_positions,
         "samples_per_step": samples_per_step,
         "step_seconds": [round(s, 4) for s in clock.seconds],
         "first_steps_seconds": [round(s, 3) for s in first],
@@ -979,6 +1107,19 @@ def train_fast(
     }
 
 
+def _expandable_segments() -> None:
+    """Turn on the CUDA caching allocator's expandable segments unless PYTORCH_CUDA_ALLOC_CONF decides it."""
+    import torch
+
+    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        log.info("CUDA allocator: expandable segments on (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False to keep it off)")
+    except (AttributeError, RuntimeError) as e:  # an allocator without the option: run as it is
+        log.info("CUDA allocator: expandable segments unavailable (%s)", e)
+
+
 def _forward_backward(trainee: Any, inputs: Mapping[str, Any], amp: Any, n_micro: int) -> Any:
     """One micro-batch: loss (detached) after its backward; the loss is divided by the micro-batches per step."""
     with amp:
@@ -991,7 +1132,8 @@ def _forward_backward(trainee: Any, inputs: Mapping[str, Any], amp: Any, n_micro
 def _zero_grads(prep: _Prepared, optimizer: Any) -> None:
     if prep.master is not None:
         for g in prep.master.groups:
-            g.grad.zero_()
+            for p in g.params:
+                p.grad = None
     else:
         optimizer.zero_grad(set_to_none=True)
 

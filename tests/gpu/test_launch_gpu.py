@@ -69,7 +69,7 @@ def test_fast_path_on_one_gpu_and_resume_after_kill(run_dirs, capfd, monkeypatch
     out = artifacts / "g" / "finetune"
     shutil.rmtree(out, ignore_errors=True)
     proc = subprocess.Popen([sys.executable, "-m", "jobs.finetune", *argv, "--force"], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + KILL_DEADLINE_S
     first = None

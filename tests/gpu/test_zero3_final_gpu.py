@@ -63,7 +63,7 @@ def run_finetune(common: list[str], strategy: str, mode: str) -> subprocess.Comp
             "--save-steps", str(SAVE_STEPS), "--context-seconds", "2",
             "--overrides", json.dumps({"strategy": strategy, "gradient_checkpointing": False}), "--force"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASRFT_")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "jobs.finetune", *argv], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=STAGE_TIMEOUT_S)
 

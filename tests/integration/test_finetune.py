@@ -207,7 +207,7 @@ def test_resume_after_kill(run_dirs, capsys):
     out = artifacts / "r" / "finetune"
     shutil.rmtree(out, ignore_errors=True)  # no checkpoint of an earlier test may satisfy the watch below
     cmd = [sys.executable, "-m", "jobs.finetune", *argv, "--force"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + KILL_DEADLINE_S
     first = None

@@ -46,7 +46,7 @@ def test_master_keeps_updates_that_bf16_rounds_away(lr: float, steps: int) -> No
     pure = torch.nn.Parameter(torch.ones(64, 8, dtype=torch.bfloat16))  # the same update on bf16 weights
     pure_opt = torch.optim.AdamW([pure], lr=lr, weight_decay=0.0, fused=True)
     for _ in range(steps):
-        p.grad.copy_(torch.ones_like(p))  # the bf16 gradient buffer (p.grad is a view into it)
+        p.grad = torch.ones_like(p)  # what autograd leaves: a bf16 gradient
         master.accumulate(first=True)
         master.clip_(0.0)
         opt.step()
@@ -69,10 +69,9 @@ def test_gradients_accumulate_in_fp32_and_clip_like_torch() -> None:
         assert all((v.data_ptr() - g.master.data_ptr()) % (64 * 4) == 0 for v in g.views(g.master))
     micro = [(torch.randn(5, 3), torch.randn(3)) for _ in range(2)]
     for i, (gw, gb) in enumerate(micro):
-        w.grad.add_(gw.to(torch.bfloat16))  # what autograd does: in-place into the existing .grad view
-        b.grad.add_(gb.to(torch.bfloat16))
+        assert w.grad is None and b.grad is None  # autograd hands over fresh gradients, nothing to add into
+        w.grad, b.grad = gw.to(torch.bfloat16), gb.to(torch.bfloat16)  # what autograd leaves after backward
         master.accumulate(first=i == 0)
-        assert torch.count_nonzero(w.grad) == 0  # the bf16 buffer is zeroed for the next micro-batch
     want = [sum(g[k].to(torch.bfloat16).float() for g in micro) for k in (0, 1)]
     got = [v for _, _, v in master.named_masters()]
     for grp, expect in zip(master.groups, want, strict=True):
@@ -80,6 +79,9 @@ def test_gradients_accumulate_in_fp32_and_clip_like_torch() -> None:
     ref = [torch.nn.Parameter(g.clone()) for g in got]
     for r, expect in zip(ref, want, strict=True):
         r.grad = expect.clone()
+    fp32_grads = [g.master.grad.data_ptr() for g in master.groups]
+    master.publish()
+    assert [g.master.grad.data_ptr() for g in master.groups] == fp32_grads  # kept: no allocation per step
     ref_norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
     norm = master.clip_(0.5)
     torch.testing.assert_close(norm, ref_norm)
@@ -237,3 +239,55 @@ def test_large_groups_split_into_several_flat_buffers(monkeypatch, limit: int, g
 )
 def test_profile_kernel_kinds(name: str, kind: str) -> None:
     assert kernel_kind(name) == kind
+
+
+@pytest.mark.parametrize("skipped", [False, True])
+def test_first_micro_batch_overwrites_the_fp32_gradients(skipped: bool) -> None:
+    """A step starts from the micro-batch's own gradients; a parameter it did not reach contributes zero."""
+    w, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    master = MasterWeights([("w", w), ("b", b)], weight_decay=0.0, dtype=torch.bfloat16, device="cpu")
+    w.grad, b.grad = torch.full_like(w, 3.0), torch.full_like(b, 5.0)
+    master.accumulate(first=True)  # the previous step's gradients
+    w.grad = torch.full_like(w, 2.0)
+    b.grad = None if skipped else torch.full_like(b, 1.0)
+    master.accumulate(first=True)
+    views = master.groups[0].grad_views
+    assert torch.equal(views[0], torch.full((4, 4), 2.0))
+    assert torch.equal(views[1], torch.zeros(4, 4) if skipped else torch.ones(4, 4))
+
+
+def test_host_decoder_positions_change_no_number_and_pass_host_positions() -> None:
+    """With HostDecoderPositions installed the decoder receives host position ids (the packed-sequence check
+    runs on the CPU) and loss and gradients are exactly those of the plain model; removed, nothing remains."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from common.fast_train import HostDecoderPositions
+
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(WhisperConfig(**TINY)).train()
+    feats = torch.randn(3, TINY["num_mel_bins"], 2 * TINY["max_source_positions"])
+    dec = torch.randint(4, TINY["vocab_size"], (3, 7))
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_features=feats, decoder_input_ids=dec, labels=dec, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads()
+    seen: list[object] = []
+    spy = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("position_ids")), with_kwargs=True)
+    with HostDecoderPositions(model) as hooks:
+        assert hooks.active
+        spy.remove()  # registered first: sees what the caller passed; re-register after ours to see ours
+        spy = model.get_decoder().register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw.get("position_ids")), with_kwargs=True)
+        loss, grads = loss_and_grads()
+    spy.remove()
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys()
+    for n, g in grads.items():
+        assert torch.equal(g, plain_grads[n]), n
+    assert len(seen) == 1 and torch.equal(seen[0], torch.arange(7).expand(3, 7))
+    assert not model.get_decoder()._forward_pre_hooks and not model.get_decoder().embed_positions._forward_pre_hooks
