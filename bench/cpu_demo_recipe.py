@@ -360,7 +360,8 @@ def part_of(name: str) -> str:
     return "encoder" if name.startswith("model.encoder.") else "decoder"  # decoder: its layers + embeddings
 
 
-def mix(data: Path, base: Path, out: Path, name: str, combos: list[list[float]], limit: int = 0) -> None:
+def mix(data: Path, base: Path, out: Path, name: str, combos: list[list[float]], limit: int = 0,
+        sets: tuple[str, ...] = ("test", "real", "heldout")) -> None:
     """Per-part WiSE-FT of a saved run: θ = θ_pre + α_enc·Δ_encoder + α_dec·Δ_decoder, decoded as `evaluate` does."""
     import torch
     from safetensors.torch import load_file
@@ -382,7 +383,7 @@ def mix(data: Path, base: Path, out: Path, name: str, combos: list[list[float]],
                 a = a_enc if part_of(n) == "encoder" else a_dec
                 p.copy_(pre[n] + a * (ft[n] - pre[n]))
         t0 = time.perf_counter()
-        hyps = {s: decode_ct2(model, base, clips[s], out / "work") for s in ("test", "real", "heldout")}
+        hyps = {s: decode_ct2(model, base, clips[s], out / "work") for s in sets}
         _write(path, {"name": name, "alpha": f"enc {a_enc} dec {a_dec}", "hyps": hyps,
                       "info": {"decode_seconds": round(time.perf_counter() - t0, 1)}}, clips)
         print(f"{name} enc {a_enc} dec {a_dec} done", flush=True)
@@ -522,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--name", required=True)
     m.add_argument("--combos", required=True, help='JSON [[alpha_encoder, alpha_decoder], ...]')
     m.add_argument("--limit", type=int, default=0)
+    m.add_argument("--sets", default="test,real,heldout", help="which sets to decode (comma-separated)")
     sc = sub.add_parser("score")
     sc.add_argument("paths", type=Path, nargs="+")
     c = sub.add_parser("cpu")
@@ -539,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "record":
         record(a.paths, a.label, a.device, a.note)
     elif a.cmd == "mix":
-        mix(a.data, a.model, a.out, a.name, json.loads(a.combos), a.limit)
+        mix(a.data, a.model, a.out, a.name, json.loads(a.combos), a.limit, tuple(a.sets.split(",")))
     elif a.cmd == "score":
         score(a.paths)
     else:

@@ -114,3 +114,36 @@ def test_fast_path_on_one_gpu_and_resume_after_kill(run_dirs, capfd, monkeypatch
     base = WhisperForConditionalGeneration.from_pretrained(artifacts / "g" / "pretrained" / "model")
     q = "model.decoder.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(final.state_dict()[q], base.state_dict()[q])  # full fine-tuning changed it
+
+
+def nccl_all_reduce() -> dict:
+    """A worker: pick this rank's GPU, all-reduce its rank + 1 over NCCL, report what it saw."""
+    import torch
+    import torch.distributed as dist
+
+    from common.launch import WORKER_ENV, local_rank
+
+    torch.cuda.set_device(local_rank())
+    dist.init_process_group("nccl")
+    total = torch.tensor([float(dist.get_rank() + 1)], device="cuda")
+    dist.all_reduce(total)
+    out = {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": total.item(),
+           "device": torch.cuda.current_device(), **{k: os.environ.get(k) for k in WORKER_ENV}}
+    dist.destroy_process_group()
+    return out
+
+
+def test_launcher_runs_nccl_workers_on_every_gpu():
+    """The stage's launcher on CUDA: one worker per GPU, NCCL between them, NVLink multicast off in each."""
+    import torch
+
+    from common.launch import WORKER_ENV, launch_workers
+
+    n = torch.cuda.device_count()
+    assert n >= 1, "the gpu tests need a CUDA GPU"
+    results = launch_workers(nccl_all_reduce, (), n, device="cuda")
+    assert sorted(results) == list(range(n))
+    for rank, r in results.items():
+        assert (r["rank"], r["world"], r["device"]) == (rank, n, rank)
+        assert r["sum"] == n * (n + 1) / 2
+        assert {k: r[k] for k in WORKER_ENV} == WORKER_ENV
