@@ -167,7 +167,12 @@ def _speech_frames(clips, idx, spec) -> int:
 
 def train(spec: dict[str, Any], base: Path, clips: list[dict[str, Any]], device: str) -> tuple[Any, dict[str, Any]]:
     import torch
-    from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration, get_scheduler
+    from transformers import (
+        AutoTokenizer,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        get_scheduler,
+    )
 
     from common.train import ModeSpec, encode_bottom, frozen_bottom_cacheable, make_trainee, merged_whisper
 

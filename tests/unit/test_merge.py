@@ -50,7 +50,7 @@ def test_interpolate_per_part(tmp_path, factors):
     before = {n: p.detach().clone() for n, p in pre.named_parameters()}
     model = tiny_whisper()
     with torch.no_grad():  # "fine-tuned": every weight moved by a known step
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(torch.full_like(p, 0.5))
     tuned = {n: p.detach().clone() for n, p in model.named_parameters()}
 
