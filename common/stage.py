@@ -109,6 +109,16 @@ class StageContext:
                 self.store.put_file(path, key)
                 self._synced[key] = digest
 
+    def upload_record(self) -> dict[str, Any]:
+        """What this context has hashed and uploaded so far (picklable): another process that wrote into the same
+        ``out`` folder (e.g. a launched training worker) hands it back with ``adopt_upload_record``."""
+        return {"synced": dict(self._synced), "hashes": dict(self._hashes)}
+
+    def adopt_upload_record(self, record: dict[str, Any]) -> None:
+        """Take over another context's ``upload_record()``: files it already uploaded are not sent again."""
+        self._synced.update(record.get("synced") or {})
+        self._hashes.update(record.get("hashes") or {})
+
     def digest(self, path: Path) -> tuple[int, str]:
         """(size, sha256) of a local file, hashed again only when its size or mtime changed."""
         st = path.stat()

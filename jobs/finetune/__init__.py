@@ -547,8 +547,7 @@ def launch_finetune(ctx: StageContext, the_plan: Any, inputs: dict[str, Any]) ->
         raise StageFailed(f"finetune worker rank {e.rank} of {the_plan.world_size} failed: {e.message}") from None
     first = results[0]
     # rank 0 uploaded while it trained; tell this process's context what is already in the store (no re-upload)
-    ctx._synced.update(first["synced"])
-    ctx._hashes.update(first["hashes"])
+    ctx.adopt_upload_record(first["uploads"])
     summary = first["summary"]
     summary["ranks"] = [{"rank": r, "global_step": results[r]["global_step"] if r else summary["global_step"],
                          "train_loss": results[r]["train_loss"] if r else summary["train_loss"]}
@@ -571,7 +570,7 @@ def finetune_worker(settings: FinetuneSettings, out: str, job: WorkerJob) -> dic
     summary = finetune(ctx, worker=job)
     if not is_rank_zero():
         return summary
-    return {"summary": summary, "synced": dict(ctx._synced), "hashes": dict(ctx._hashes)}
+    return {"summary": summary, "uploads": ctx.upload_record()}
 
 
 # --- the body -------------------------------------------------------------------------------------------

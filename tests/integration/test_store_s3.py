@@ -264,6 +264,31 @@ def test_sync_uploads_only_changed_files(s3_server, bucket, monkeypatch):
     assert store.read_bytes("r1/extract/checkpoint-1.bin") == b"b" * 100
 
 
+def test_adopted_upload_record_is_not_sent_again(s3_server, bucket, monkeypatch):
+    """A launched worker syncs into the stage folder; the parent adopts its record and uploads only new files."""
+    from common.stage import StageContext
+
+    uploads: list[str] = []
+    real_put = S3Store.put_file
+
+    def spy(self, local, key):
+        uploads.append(key.rsplit("/", 1)[-1])
+        real_put(self, local, key)
+
+    monkeypatch.setattr(S3Store, "put_file", spy)
+
+    def body(ctx):
+        worker = StageContext(ctx.stage, ctx.settings, ctx.store, ctx.run_prefix, ctx.out)  # e.g. rank 0
+        (ctx.out / "checkpoint-1.bin").write_bytes(b"a" * 100)
+        worker.sync()
+        ctx.adopt_upload_record(worker.upload_record())
+        (ctx.out / "final.bin").write_bytes(b"f")
+        ctx.sync()
+
+    assert run_stage("extract", stage_settings(monkeypatch, s3_server, bucket), {}, body) == EXIT_OK
+    assert uploads == ["checkpoint-1.bin", "final.bin"]  # the worker's upload is not repeated by the parent
+
+
 def test_input_dir_downloads_upstream_outputs(s3_server, bucket, monkeypatch, tmp_path):
     s = stage_settings(monkeypatch, s3_server, bucket)
     content = {"v1": {"train.jsonl": "aaaa\n", "audio/u1.wav": "1111", "audio/old.wav": "x"},
