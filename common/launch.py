@@ -131,8 +131,8 @@ def worker_env(nproc: int, cpus: int | None = None, env: Mapping[str, str] | Non
 
 
 @contextlib.contextmanager
-def _environment(extra: Mapping[str, str]) -> Iterator[None]:
-    """os.environ with ``extra`` while the workers start (spawned workers copy it), restored afterwards."""
+def environment(extra: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with ``extra`` inside the block (spawned workers copy it), as it was afterwards."""
     saved = {k: os.environ.get(k) for k in extra}
     os.environ.update(extra)
     try:
@@ -178,7 +178,7 @@ def launch_workers(fn: Callable[..., Any], args: Sequence[Any], nproc: int, *, d
     extra = worker_env(nproc)
     log.info("launching %d worker process(es) (%s, backend %s, %s) for %s.%s", nproc, device, backend,
              " ".join(f"{k}={v}" for k, v in extra.items()), fn.__module__, fn.__qualname__)
-    with _environment(extra):
+    with environment(extra):
         try:
             results = elastic_launch(config, fn)(*args)
         except ChildFailedError as e:

@@ -43,8 +43,7 @@ import random
 import shutil
 import socket
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -360,28 +359,12 @@ def deepspeed_rendezvous(the_plan: Any, env: Mapping[str, str] | None = None) ->
             "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
 
 
-@contextmanager
-def _environment(extra: Mapping[str, str]) -> Iterator[None]:
-    """os.environ with ``extra`` inside the block, as it was afterwards (later stages in this process must not
-    take themselves for launched workers)."""
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Any, train_ds: Any, eval_ds: Any, collator: Any,
                        resume: Path | None) -> dict[str, Any]:
     """The Hugging Face Trainer (DDP between launched workers, DeepSpeed when the plan says so)."""
     from transformers import Seq2SeqTrainingArguments
 
-    from common.launch import backend_for, is_rank_zero
+    from common.launch import backend_for, environment, is_rank_zero
     from common.planner import training_arguments_kwargs
     from common.train import make_trainer
 
@@ -401,7 +384,7 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Any, train_ds:
     if rendezvous:
         log.info("DeepSpeed on one GPU: a one-process torch.distributed group on 127.0.0.1:%s",
                  rendezvous["MASTER_PORT"])
-    with _environment(rendezvous):
+    with environment(rendezvous):
         args = Seq2SeqTrainingArguments(**kwargs)
         rank_zero = is_rank_zero()
         trainer = make_trainer(trainee, args, train_ds, collator, on_save=ctx.sync if rank_zero else None,

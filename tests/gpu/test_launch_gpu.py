@@ -22,10 +22,9 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))  # the tiny-model run helpers of test_finetune.py
 
-from test_finetune import N_TEST, PretrainedStandIn, save_tiny_whisper, write_clips  # noqa: E402
+from test_finetune import prepared_run  # noqa: E402
 
-from common.settings import load_settings  # noqa: E402
-from common.stage import MANIFEST, run_stage  # noqa: E402
+from common.stage import MANIFEST  # noqa: E402
 
 N_CLIPS = 10
 MAX_STEPS = 300  # long enough that the kill lands between the first checkpoint and the end
@@ -35,19 +34,8 @@ KILL_DEADLINE_S = 240.0  # model load + torch.compile of the layers come before 
 
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory):
-    from jobs.extract.__main__ import main as extract_main
-    from jobs.prepare.__main__ import main as prepare_main
-
-    root = tmp_path_factory.mktemp("gpu-launch")
-    data = write_clips(root / "data", N_CLIPS)
-    artifacts = root / "runs"
-    common = ["--artifacts", str(artifacts), "--run-id", "g"]
-    assert prepare_main([*common, "--train-csv", str(data / "train.csv"), "--audio-dir", str(data / "audio"),
-                         "--test-ratio", str(N_TEST / N_CLIPS)]) == 0
-    stand_in = load_settings(PretrainedStandIn, {"artifacts": str(artifacts), "run_id": "g"})
-    assert run_stage("pretrained", stand_in, {"model": "tiny"}, lambda ctx: save_tiny_whisper(ctx.out / "model")) == 0
-    assert extract_main([*common, "--epochs", "2"]) == 0
-    return artifacts, common
+    """artifacts folder with completed prepare, pretrained (tiny model) and extract stages of run 'g'."""
+    return prepared_run(tmp_path_factory.mktemp("gpu-launch"), N_CLIPS, "g", extract_epochs=2)
 
 
 def _checkpoints(folder: Path) -> list[Path]:

@@ -77,20 +77,28 @@ def write_clips(folder: Path, n: int) -> Path:
     return folder
 
 
+def prepared_run(root: Path, n_clips: int, run_id: str, extract_epochs: int | None = None) -> tuple[Path, list[str]]:
+    """``root/runs`` with completed prepare and pretrained (tiny random Whisper) stages of ``run_id`` (+ extract
+    when ``extract_epochs`` is given) → (artifacts folder, the common CLI flags of that run)."""
+    from jobs.extract.__main__ import main as extract_main
+    from jobs.prepare.__main__ import main as prepare_main
+
+    data = write_clips(root / "data", n_clips)
+    artifacts = root / "runs"
+    common = ["--artifacts", str(artifacts), "--run-id", run_id]
+    assert prepare_main([*common, "--train-csv", str(data / "train.csv"), "--audio-dir", str(data / "audio"),
+                         "--test-ratio", str(N_TEST / n_clips)]) == 0
+    stand_in = load_settings(PretrainedStandIn, {"artifacts": str(artifacts), "run_id": run_id})
+    assert run_stage("pretrained", stand_in, {"model": "tiny"}, lambda ctx: save_tiny_whisper(ctx.out / "model")) == 0
+    if extract_epochs is not None:
+        assert extract_main([*common, "--epochs", str(extract_epochs)]) == 0
+    return artifacts, common
+
+
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory):
     """artifacts folder with completed prepare + pretrained stages of run 'r'."""
-    from jobs.prepare.__main__ import main as prepare_main
-
-    root = tmp_path_factory.mktemp("ft")
-    data = write_clips(root / "data", 10)
-    artifacts = root / "runs"
-    common = ["--artifacts", str(artifacts), "--run-id", "r"]
-    assert prepare_main([*common, "--train-csv", str(data / "train.csv"), "--audio-dir", str(data / "audio"),
-                         "--test-ratio", str(N_TEST / 10)]) == 0
-    stand_in = load_settings(PretrainedStandIn, {"artifacts": str(artifacts), "run_id": "r"})
-    assert run_stage("pretrained", stand_in, {"model": "tiny"}, lambda ctx: save_tiny_whisper(ctx.out / "model")) == 0
-    return artifacts, common
+    return prepared_run(tmp_path_factory.mktemp("ft"), 10, "r")
 
 
 @pytest.fixture(autouse=True)

@@ -9,10 +9,9 @@ import os
 
 import numpy as np
 import pytest
-from test_finetune import N_TEST, PretrainedStandIn, save_tiny_whisper, write_clips
+from test_finetune import prepared_run, save_tiny_whisper
 
-from common.settings import load_settings
-from common.stage import MANIFEST, run_stage
+from common.stage import MANIFEST
 
 N_CLIPS = 10  # 8 train + 2 test
 MAX_STEPS = 4  # 8 clips / (batch 2 x 2 ranks) = 2 steps per epoch: 2 epochs
@@ -21,19 +20,7 @@ MAX_STEPS = 4  # 8 clips / (batch 2 x 2 ranks) = 2 steps per epoch: 2 epochs
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory):
     """artifacts folder with completed prepare, pretrained (tiny model) and extract stages of run 'r'."""
-    from jobs.extract.__main__ import main as extract_main
-    from jobs.prepare.__main__ import main as prepare_main
-
-    root = tmp_path_factory.mktemp("launch")
-    data = write_clips(root / "data", N_CLIPS)
-    artifacts = root / "runs"
-    common = ["--artifacts", str(artifacts), "--run-id", "r"]
-    assert prepare_main([*common, "--train-csv", str(data / "train.csv"), "--audio-dir", str(data / "audio"),
-                         "--test-ratio", str(N_TEST / N_CLIPS)]) == 0
-    stand_in = load_settings(PretrainedStandIn, {"artifacts": str(artifacts), "run_id": "r"})
-    assert run_stage("pretrained", stand_in, {"model": "tiny"}, lambda ctx: save_tiny_whisper(ctx.out / "model")) == 0
-    assert extract_main([*common, "--epochs", "2"]) == 0
-    return artifacts, common
+    return prepared_run(tmp_path_factory.mktemp("launch"), N_CLIPS, "r", extract_epochs=2)
 
 
 @pytest.fixture(autouse=True)

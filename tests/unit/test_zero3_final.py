@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from common.launch import environment
 from common.planner import Resources, plan
 from common.stage import StageFailed
 from common.train import (
@@ -33,7 +34,6 @@ from jobs.finetune import (
     CHECKPOINTS,
     FINAL_FROM_MODULE,
     FINAL_FROM_ZERO,
-    _environment,
     deepspeed_rendezvous,
     final_trainee_from_zero,
     final_weights_source,
@@ -101,7 +101,7 @@ def test_no_rendezvous_where_none_is_needed(gpus, overrides, env):
 def test_environment_is_restored_after_training(monkeypatch):
     monkeypatch.setenv("RANK", "7")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    with _environment({"RANK": "0", "LOCAL_RANK": "0"}):
+    with environment({"RANK": "0", "LOCAL_RANK": "0"}):
         assert (os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("0", "0")
     assert os.environ["RANK"] == "7" and "LOCAL_RANK" not in os.environ
 
