@@ -23,12 +23,13 @@ Backend: ``nccl`` on CUDA, ``gloo`` on CPU (``backend_for``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from common.settings import environment
 
 log = logging.getLogger(__name__)
 
@@ -128,21 +129,6 @@ def worker_env(nproc: int, cpus: int | None = None, env: Mapping[str, str] | Non
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         extra["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))  # the CPUs shared out (torchrun would set 1)
     return extra
-
-
-@contextlib.contextmanager
-def environment(extra: Mapping[str, str]) -> Iterator[None]:
-    """os.environ with ``extra`` inside the block (spawned workers copy it), as it was afterwards."""
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def describe_failure(failure: Any) -> str:

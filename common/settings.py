@@ -22,6 +22,8 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +96,21 @@ class StageSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # First wins: CLI (init kwargs) > stage env > common env > YAML > defaults.
         return (init_settings, env_settings, _CommonEnvSource(settings_cls), _YamlSource(settings_cls))
+
+
+@contextmanager
+def environment(extra: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with ``extra`` inside the block (child processes started there copy it), as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def stage_name(cls: type[StageSettings]) -> str:

@@ -46,7 +46,7 @@ from common.models import (
     weight_digests,
 )
 from common.records import audio_location, iter_jsonl
-from common.settings import StageSettings
+from common.settings import StageSettings, environment
 from common.stage import StageContext, StageFailed, upstream_fingerprint
 from common.store import Store, atomic_write_bytes
 from common.zero_export import is_zero_checkpoint
@@ -156,29 +156,23 @@ def verify_offline(model_dir: Path, ct2_dir: Path, clip: np.ndarray) -> dict[str
 
     from common.transcribe import DecodeOptions, HFEngine
 
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     out: dict[str, Any] = {}
-    try:
-        t0 = time.perf_counter()  # transformers, with the prompt tokens given explicitly (as evaluate does)
-        engine = HFEngine(model_dir, DecodeOptions(max_new_tokens=VERIFY_MAX_NEW_TOKENS), device="cpu")
-        out["hf"] = {"text": engine.transcribe([clip])[0], "seconds": round(time.perf_counter() - t0, 3)}
-        del engine
-        t0 = time.perf_counter()
-        fw = WhisperModel(str(ct2_dir), device="cpu", compute_type="default", local_files_only=True)
-        segments, _ = fw.transcribe(clip, language="zh", task="transcribe", beam_size=1, temperature=0.0,
-                                    without_timestamps=True, condition_on_previous_text=False,
-                                    max_new_tokens=VERIFY_MAX_NEW_TOKENS)
-        out["ct2"] = {"text": "".join(s.text for s in segments).strip(), "seconds": round(time.perf_counter() - t0, 3)}
-    except Exception as e:  # any failure to load or decode offline is the export's failure
-        raise StageFailed(f"export verification failed: the exported folders do not load/decode offline "
-                          f"({type(e).__name__}: {e})") from e
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environment({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
+        try:
+            t0 = time.perf_counter()  # transformers, with the prompt tokens given explicitly (as evaluate does)
+            engine = HFEngine(model_dir, DecodeOptions(max_new_tokens=VERIFY_MAX_NEW_TOKENS), device="cpu")
+            out["hf"] = {"text": engine.transcribe([clip])[0], "seconds": round(time.perf_counter() - t0, 3)}
+            del engine
+            t0 = time.perf_counter()
+            fw = WhisperModel(str(ct2_dir), device="cpu", compute_type="default", local_files_only=True)
+            segments, _ = fw.transcribe(clip, language="zh", task="transcribe", beam_size=1, temperature=0.0,
+                                        without_timestamps=True, condition_on_previous_text=False,
+                                        max_new_tokens=VERIFY_MAX_NEW_TOKENS)
+            out["ct2"] = {"text": "".join(s.text for s in segments).strip(),
+                          "seconds": round(time.perf_counter() - t0, 3)}
+        except Exception as e:  # any failure to load or decode offline is the export's failure
+            raise StageFailed(f"export verification failed: the exported folders do not load/decode offline "
+                              f"({type(e).__name__}: {e})") from e
     return out
 
 

@@ -364,8 +364,9 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Any, train_ds:
     """The Hugging Face Trainer (DDP between launched workers, DeepSpeed when the plan says so)."""
     from transformers import Seq2SeqTrainingArguments
 
-    from common.launch import backend_for, environment, is_rank_zero
+    from common.launch import backend_for, is_rank_zero
     from common.planner import training_arguments_kwargs
+    from common.settings import environment
     from common.train import make_trainer
 
     s: FinetuneSettings = ctx.settings  # type: ignore[assignment]

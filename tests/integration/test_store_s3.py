@@ -238,16 +238,21 @@ def test_redo_on_s3_removes_old_outputs(s3_server, bucket, monkeypatch):
     assert [o["path"] for o in store.read_json("r1/extract/_manifest.json")["outputs"]] == ["part0.txt"]
 
 
-def test_sync_uploads_only_changed_files(s3_server, bucket, monkeypatch):
-    uploads: list[str] = []
+@pytest.fixture
+def uploads(monkeypatch) -> list[str]:
+    """File names S3Store.put_file sends, in order (the uploads still happen)."""
+    sent: list[str] = []
     real_put = S3Store.put_file
 
     def spy(self, local, key):
-        uploads.append(key.rsplit("/", 1)[-1])
+        sent.append(key.rsplit("/", 1)[-1])
         real_put(self, local, key)
 
     monkeypatch.setattr(S3Store, "put_file", spy)
+    return sent
 
+
+def test_sync_uploads_only_changed_files(s3_server, bucket, monkeypatch, uploads):
     def body(ctx):
         (ctx.out / "checkpoint-1.bin").write_bytes(b"a" * 100)
         ctx.sync()
@@ -264,18 +269,9 @@ def test_sync_uploads_only_changed_files(s3_server, bucket, monkeypatch):
     assert store.read_bytes("r1/extract/checkpoint-1.bin") == b"b" * 100
 
 
-def test_adopted_upload_record_is_not_sent_again(s3_server, bucket, monkeypatch):
+def test_adopted_upload_record_is_not_sent_again(s3_server, bucket, monkeypatch, uploads):
     """A launched worker syncs into the stage folder; the parent adopts its record and uploads only new files."""
     from common.stage import StageContext
-
-    uploads: list[str] = []
-    real_put = S3Store.put_file
-
-    def spy(self, local, key):
-        uploads.append(key.rsplit("/", 1)[-1])
-        real_put(self, local, key)
-
-    monkeypatch.setattr(S3Store, "put_file", spy)
 
     def body(ctx):
         worker = StageContext(ctx.stage, ctx.settings, ctx.store, ctx.run_prefix, ctx.out)  # e.g. rank 0

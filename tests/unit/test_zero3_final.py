@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.launch import environment
 from common.planner import Resources, plan
+from common.settings import environment
 from common.stage import StageFailed
 from common.train import (
     CHECKPOINT_FILES,
