@@ -6,7 +6,7 @@ pretrained + 3 points. This script measures candidate recipes three ways:
 
     # 1. quality search, any device (an H100 makes a candidate take seconds): train + decode, hypotheses out
     python bench/cpu_demo_recipe.py search --data DATA --model BASE_HF --grid grid.json --out hyps/ [--device cuda]
-    # 2. score hypotheses with the project's CER (common.metrics)
+    # 2. score hypotheses with the project's CER (common.core.metrics)
     python bench/cpu_demo_recipe.py score hyps/*.json
     # 3. the real thing on this CPU: the finetune stage itself, then CTranslate2 int8 greedy decoding as
     #    `asr-ft evaluate` does it; wall times and CERs appended to bench/results/cpu-demo-recipe.json
@@ -23,7 +23,7 @@ factors decoded from the same training run):
 
 The search loop is a plain PyTorch loop with the Trainer's defaults (AdamW β=(0.9, 0.999), ε=1e-8, weight
 decay 0.01, gradient clipping 1.0, cosine schedule with warm-up, reshuffled each epoch) around the same
-``common.train`` model code the finetune stage uses; `cpu` runs the stage itself.
+``common.training.train`` model code the finetune stage uses; `cpu` runs the stage itself.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def _wav(path: Path) -> np.ndarray:
-    from common.audio import load_audio
+    from common.core.audio import load_audio
 
     samples, _ = load_audio(path)
     return np.clip(np.round(samples * 32767), -32768, 32767).astype(np.int16)
@@ -98,7 +98,7 @@ def bundle(demo: Path, out: Path) -> None:
 def _pool_order(rows: list[dict[str, str]], n_test: int, seed: int) -> list[dict[str, str]]:
     """Train rows in the order demo-data draws them (train.csv is sorted by id), so that the first n are
     exactly the clips `asr-ft demo-data --n-train n` makes; later rows are unseen by a run with n_train=n."""
-    from common.demo_data import sentence_pool, split_pool
+    from common.core.demo_data import sentence_pool, split_pool
 
     by_id = {r["audio_id"]: r for r in rows}
     order = [s.id for s in split_pool(sentence_pool(), len(rows), n_test, seed)[0]]
@@ -121,7 +121,7 @@ def _mels(fe, clips: list[dict[str, Any]]) -> np.ndarray:
 
 
 def _targets(tokenizer, clips):
-    from common.whisper_data import eot_id, make_target, prompt_ids, text_ids
+    from common.families.whisper.data import eot_id, make_target, prompt_ids, text_ids
 
     prompt, eot = prompt_ids(tokenizer), eot_id(tokenizer)
     return [make_target(prompt, text_ids(tokenizer, c["text"]), eot) for c in clips]
@@ -144,7 +144,7 @@ def _pack(fe, tokenizer, clips, idx, pack, gap_s):
     """Windows of `pack` clips each: audio joined with gap_s of silence, transcripts joined."""
     import torch
 
-    from common.whisper_data import eot_id, make_target, prompt_ids, text_ids
+    from common.families.whisper.data import eot_id, make_target, prompt_ids, text_ids
 
     gap = np.zeros(int(gap_s * SAMPLE_RATE), np.float32)
     audios, targets = [], []
@@ -174,7 +174,7 @@ def train(spec: dict[str, Any], base: Path, clips: list[dict[str, Any]], device:
         get_scheduler,
     )
 
-    from common.train import ModeSpec, encode_bottom, frozen_bottom_cacheable, make_trainee, merged_whisper
+    from common.training.train import ModeSpec, encode_bottom, frozen_bottom_cacheable, make_trainee, merged_whisper
 
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -259,7 +259,7 @@ def decode(model, base: Path, clips: list[dict[str, Any]], device: str, batch: i
     import torch
     from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-    from common.whisper_data import prompt_ids
+    from common.families.whisper.data import prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     fe = WhisperFeatureExtractor.from_pretrained(str(base))
@@ -286,8 +286,8 @@ def decode_ct2(model, base: Path, clips: list[dict[str, Any]], work: Path) -> li
 
     from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-    from common.ct2_whisper import export_hf_to_ct2
-    from common.transcribe import CT2Engine, DecodeOptions
+    from common.families.whisper.ct2 import export_hf_to_ct2
+    from common.core.transcribe import CT2Engine, DecodeOptions
 
     hf = work / "hf"
     shutil.rmtree(hf, ignore_errors=True)
@@ -398,7 +398,7 @@ def mix(data: Path, base: Path, out: Path, name: str, combos: list[list[float]],
 
 
 def cer(refs: list[str], hyps: list[str]) -> float:
-    from common.metrics import utterance_errors
+    from common.core.metrics import utterance_errors
 
     errs = [utterance_errors(r, h) for r, h in zip(refs, hyps, strict=True)]
     return sum(e["char_errors"] for e in errs) / max(1, sum(e["ref_chars"] for e in errs))
@@ -431,7 +431,7 @@ def machine() -> dict[str, Any]:
 def cpu_run(demo: Path, base: Path, settings: dict[str, Any], artifacts: Path, run_id: str,
             name: str) -> dict[str, Any]:
     """prepare → extract → pretrained (from BASE) → finetune (the stage) → CT2 int8 → greedy CER, timed."""
-    from common.ct2_whisper import export_hf_to_ct2
+    from common.families.whisper.ct2 import export_hf_to_ct2
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "ASRFT_ARTIFACTS": str(artifacts), "ASRFT_RUN_ID": run_id}
     times: dict[str, float] = {}
@@ -459,7 +459,7 @@ def cpu_run(demo: Path, base: Path, settings: dict[str, Any], artifacts: Path, r
 
 
 def ct2_cer(ct2: Path, demo: Path) -> tuple[dict[str, float], dict[str, float]]:
-    from common.transcribe import CT2Engine, DecodeOptions, Utterance, transcribe_utterances
+    from common.core.transcribe import CT2Engine, DecodeOptions, Utterance, transcribe_utterances
 
     engine = CT2Engine(ct2, DecodeOptions(), compute_type="float32")
     sets = {"test": (demo / "answers.csv", demo / "test_audio"),

@@ -54,7 +54,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.memory import (  # noqa: E402
+from common.training.memory import (  # noqa: E402
     CUDA_CONTEXT_BYTES,
     GB,
     KIMI_AUDIO_TOKENS,
@@ -81,7 +81,7 @@ CGROUP_HEADROOM_BYTES = 5 * GB  # cgroup memory.max = cap + this: the hard backs
 RSS_SAMPLE_EVERY_S = 2.0  # host RSS time series kept in the JSON
 MIN_SEED_STEPS = 2  # the seed configuration "ran" if it completed this many optimizer steps
 SEED_CANDIDATE = "full/zero3-offload-all+ckpt"  # the planner's row for the seed's recipe
-LORA_DROPOUT = 0.05  # what common/train.py uses
+LORA_DROPOUT = 0.05  # what common/training/train.py uses
 TEXT_TOKENS = KIMI_LLM_SEQ - KIMI_AUDIO_TOKENS  # 512 - 375 = 137 prompt + transcript tokens
 AUDIO_SECONDS = WHISPER_MEL_FRAMES // 100  # 10 ms hop  # 30
 
@@ -573,7 +573,7 @@ def _estimate_summary(candidate: Any) -> dict[str, Any]:
 def parent(a: argparse.Namespace) -> int:
     import torch
 
-    from common.planner import detect_resources, plan
+    from common.training.planner import detect_resources, plan
 
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

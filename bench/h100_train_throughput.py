@@ -14,16 +14,16 @@ Chinese sentence; the decoder reads 44 positions with the prompt).
     without a tokenizer: features stacked, labels padded with -100, the leading <|startoftranscript|>
     dropped), dataloader defaults. Its evaluation and saving every 1000 steps never come up in the timed
     window and are switched off (they would need an evaluation set).
-(b) ``asrft``: ``common.fast_train.train_fast`` with the plan ``common.planner.plan`` makes for this model on
+(b) ``asrft``: ``common.training.fast_train.train_fast`` with the plan ``common.training.planner.plan`` makes for this model on
     this GPU (as the finetune stage calls it: mode auto, 2000 training clips, fp32 load dtype), through the
-    stage's own trainee (``common.train.make_trainee``) and collator (``WhisperCollator``), default options.
+    stage's own trainee (``common.training.train.make_trainee``) and collator (``WhisperCollator``), default options.
     Further fast-path variants are timed for the record: eager (what ``compile="auto"`` runs for plans shorter
     than ``COMPILE_MIN_STEPS``), ``master-compiled-sync`` (``host_positions=False``: transformers' decoder then
     syncs host and GPU once per micro-batch), encoder-only compilation, autocast, accumulation 1.
 
 Speed: median of the timed optimizer steps after ``TIMING_WARMUP_STEPS`` warm-up steps (compilation and
 allocator growth excluded; data loading included), as samples per second. MFU: model FLOPs per sample
-(``common.fast_train.train_flops_per_sample``: 3 x the forward FLOPs derived from the shapes) x samples/s over
+(``common.training.fast_train.train_flops_per_sample``: 3 x the forward FLOPs derived from the shapes) x samples/s over
 the dense bf16 peak of an H100 SXM (989 TFLOP/s, NVIDIA's datasheet, no sparsity); the bf16 rate a large
 GEMM reaches on this GPU is measured and reported too.
 """
@@ -88,7 +88,7 @@ class RandomClips:
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from common.whisper_data import make_target
+        from common.families.whisper.data import make_target
 
         j = i % UNIQUE_CLIPS
         mel = self.features[j].float().numpy()
@@ -181,8 +181,8 @@ def environment() -> dict[str, Any]:
 
 
 def make_the_plan(results_dir: Path) -> Any:
-    from common.memory import profile_from_hf_config
-    from common.planner import detect_resources, plan
+    from common.training.memory import profile_from_hf_config
+    from common.training.planner import detect_resources, plan
 
     profile = profile_from_hf_config(whisper_config(), decoder_seq_len=DECODER_LEN)
     # the finetune stage's own overrides (jobs/finetune planner_overrides): weights load in fp32 (masters)
@@ -207,7 +207,7 @@ def run_recipe(warmup: int, steps: int) -> dict[str, Any]:
     import torch
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
-    from common.planner import adapt_kwargs
+    from common.training.planner import adapt_kwargs
 
     free_gpu()
     model = new_model()
@@ -275,9 +275,9 @@ def run_fast(the_plan: Any, name: str, warmup: int, steps: int, profile_steps: i
              trace: str | None = None) -> dict[str, Any]:
     import torch
 
-    from common.fast_train import TIMING_WARMUP_STEPS, FastOptions, train_fast
-    from common.train import ModeSpec, make_trainee
-    from common.whisper_data import WhisperCollator
+    from common.training.fast_train import TIMING_WARMUP_STEPS, FastOptions, train_fast
+    from common.training.train import ModeSpec, make_trainee
+    from common.families.whisper.data import WhisperCollator
 
     fields, plan_overrides, reset = VARIANTS[name]
     assert warmup == TIMING_WARMUP_STEPS
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from common.fast_train import TIMING_WARMUP_STEPS, train_flops_per_sample
+    from common.training.fast_train import TIMING_WARMUP_STEPS, train_flops_per_sample
 
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)

@@ -65,7 +65,7 @@ bundle)
         exit 0
     fi
     ASRFT_CACHE="$BUNDLE_DIR/cache" "$VENV/bin/python" -c '
-from common.ct2_whisper import bundled_whisper_base_ct2_dir, bundled_whisper_base_hf_dir
+from common.families.whisper.ct2 import bundled_whisper_base_ct2_dir, bundled_whisper_base_hf_dir
 print(bundled_whisper_base_ct2_dir())
 print(bundled_whisper_base_hf_dir())' > /tmp/bundled.txt
     ln -s "$(sed -n 1p /tmp/bundled.txt)" "$BUNDLE_DIR/whisper-base-ct2"

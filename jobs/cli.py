@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] == "--version":
-        from common.stage import code_version
+        from common.core.stage import code_version
 
         print(code_version())
         return 0

@@ -25,7 +25,7 @@ mode=${1:-all}
 PYTHON=${PYTHON:-.venv/bin/python}
 BASE_IMAGE=${BASE_IMAGE:-localhost/debian:bookworm-min}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-VERSION=$("$PYTHON" -c 'from common.stage import code_version; print(code_version())')
+VERSION=$("$PYTHON" -c 'from common.core.stage import code_version; print(code_version())')
 IMAGE=${IMAGE:-ghcr.io/asr-ft/asr-ft:$VERSION}
 as_root() {  # apt-get, debootstrap and (rootful) podman
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo --preserve-env=CONTAINERS_CONF,ASRFT_E2E_IMAGE,HF_HUB_OFFLINE "$@"; fi

@@ -1,4 +1,4 @@
-"""FakeKubeAPI — a TEST DOUBLE of the few Kubernetes API endpoints the k8s executor (common/k8s.py) calls.
+"""FakeKubeAPI — a TEST DOUBLE of the few Kubernetes API endpoints the k8s executor (common/executors/k8s.py) calls.
 
 It is not a Kubernetes server and implements no scheduling, admission or validation. It answers, on
 127.0.0.1 with a free port, over plain HTTP/1.1:
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from common.stage import MANIFEST, code_version
+from common.core.stage import MANIFEST, code_version
 
 STEP_WAIT_S = 10.0  # longest the simulated kubelet waits for the client before moving on anyway
 IDLE_CHECK_S = 0.2  # how often an idle watch checks whether its client went away

@@ -16,8 +16,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import StageSettings
-from common.stage import EXIT_FAILED, EXIT_OK, fail, setup_logging, stage_main
+from common.core.settings import StageSettings
+from common.core.stage import EXIT_FAILED, EXIT_OK, fail, setup_logging, stage_main
 
 log = logging.getLogger("asr-ft.demo-data")
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     setup_logging(settings.log_level)
-    from common.demo_data import EspeakError, generate_demo_data
+    from common.core.demo_data import EspeakError, generate_demo_data
 
     try:
         summary = generate_demo_data(settings.out, settings.n_train, settings.n_test, settings.seed,

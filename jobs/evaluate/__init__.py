@@ -46,7 +46,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
-from common.models import (
+from common.core.models import (
     ModelRef,
     ModelRefError,
     convert_ct2_to_hf,
@@ -58,11 +58,11 @@ from common.models import (
     parse_model_ref,
     ref_fingerprint,
 )
-from common.records import audio_location, iter_jsonl, transcript
-from common.settings import StageSettings
-from common.stage import StageContext, StageFailed, cache_dir, stage_dir, upstream_fingerprint
-from common.store import Store, atomic_write_bytes, sha256_file
-from common.transcribe import (
+from common.core.records import audio_location, iter_jsonl, transcript
+from common.core.settings import StageSettings
+from common.core.stage import StageContext, StageFailed, cache_dir, stage_dir, upstream_fingerprint
+from common.core.store import Store, atomic_write_bytes, sha256_file
+from common.core.transcribe import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_TARGET_POSITIONS,
     CT2Engine,
@@ -451,8 +451,8 @@ def _cached(kind: str, source: Path, build) -> Path:
 
 
 def _hf_to_ct2(source: Path, dest: Path) -> None:
-    from common.ct2_whisper import export_hf_to_ct2
-    from common.models import ensure_preprocessor_config
+    from common.families.whisper.ct2 import export_hf_to_ct2
+    from common.core.models import ensure_preprocessor_config
 
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "hf"  # never modify the user's folder: add preprocessor_config.json to a copy of links
@@ -557,9 +557,9 @@ PREDICTION_KEYS = ("id", "reference", "hypothesis", "model", "set", "duration", 
 
 
 def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
-    from common.metrics import metrics_by_model_set, score_rows
-    from common.records import write_jsonl
-    from common.report import write_report
+    from common.core.metrics import metrics_by_model_set, score_rows
+    from common.core.records import write_jsonl
+    from common.core.report import write_report
 
     settings: EvaluateSettings = ctx.settings
     with tempfile.TemporaryDirectory(prefix="asrft-evaluate-") as work:

@@ -16,7 +16,7 @@ Outputs in ``<artifacts>/<run-id>/export/``:
 The source is ``<run>/finetune/final/`` (a plain Whisper folder, LoRA already merged) or ``--checkpoint``
 (any local Hugging Face Whisper folder; missing tokenizer/feature-extractor files are taken from the run's
 pretrained model). A DeepSpeed ZeRO checkpoint (``global_step*/`` shards, e.g. a ``checkpoint-N/`` of a ZeRO-2/3
-run) is first consolidated into a normal fp32 model folder (``common.zero_export``; logged), then exported the
+run) is first consolidated into a normal fp32 model folder (``common.training.zero_export``; logged), then exported the
 same way; ``export_info.json`` records ``zero_consolidated``.
 """
 
@@ -35,8 +35,8 @@ import numpy as np
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common.audio import SAMPLE_RATE, load_audio
-from common.models import (
+from common.core.audio import SAMPLE_RATE, load_audio
+from common.core.models import (
     copy_hf_folder,
     describe_folder_problem,
     folder_format_or_none,
@@ -45,11 +45,11 @@ from common.models import (
     validate_hf_folder,
     weight_digests,
 )
-from common.records import audio_location, iter_jsonl
-from common.settings import StageSettings, environment
-from common.stage import StageContext, StageFailed, upstream_fingerprint
-from common.store import Store, atomic_write_bytes
-from common.zero_export import is_zero_checkpoint
+from common.core.records import audio_location, iter_jsonl
+from common.core.settings import StageSettings, environment
+from common.core.stage import StageContext, StageFailed, upstream_fingerprint
+from common.core.store import Store, atomic_write_bytes
+from common.training.zero_export import is_zero_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _source(ctx: StageContext) -> Path:
 
 def consolidated(src: Path, work: Path) -> Path:
     """A DeepSpeed ZeRO checkpoint's fp32 master weights gathered into a normal model folder under ``work``."""
-    from common.zero_export import ZeroCheckpointError, consolidate_zero_checkpoint, zero_checkpoint_tag
+    from common.training.zero_export import ZeroCheckpointError, consolidate_zero_checkpoint, zero_checkpoint_tag
 
     try:
         log.info("export: %s is a DeepSpeed ZeRO checkpoint (tag %s): consolidating its shards into one model "
@@ -154,7 +154,7 @@ def verify_offline(model_dir: Path, ct2_dir: Path, clip: np.ndarray) -> dict[str
     """Load both folders with the hub switched off and decode ``clip``; StageFailed when either fails."""
     from faster_whisper import WhisperModel
 
-    from common.transcribe import DecodeOptions, HFEngine
+    from common.core.transcribe import DecodeOptions, HFEngine
 
     out: dict[str, Any] = {}
     with environment({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
@@ -177,7 +177,7 @@ def verify_offline(model_dir: Path, ct2_dir: Path, clip: np.ndarray) -> dict[str
 
 
 def export(ctx: StageContext) -> dict[str, Any]:
-    from common.ct2_whisper import export_hf_to_ct2
+    from common.families.whisper.ct2 import export_hf_to_ct2
 
     settings: ExportSettings = ctx.settings
     src = _source(ctx)

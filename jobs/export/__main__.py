@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from common.stage import EXIT_BAD_INPUT, run_stage, stage_main
+from common.core.stage import EXIT_BAD_INPUT, run_stage, stage_main
 from jobs.export import STAGE, ExportSettings, export, export_inputs
 
 EXAMPLES = """examples:

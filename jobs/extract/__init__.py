@@ -29,11 +29,11 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common.records import read_jsonl, write_jsonl
-from common.settings import StageSettings
-from common.stage import MANIFEST, StageContext, StageFailed, upstream_fingerprint
-from common.store import Store
-from common.whisper_data import (
+from common.core.records import read_jsonl, write_jsonl
+from common.core.settings import StageSettings
+from common.core.stage import MANIFEST, StageContext, StageFailed, upstream_fingerprint
+from common.core.store import Store
+from common.families.whisper.data import (
     CHUNK_SECONDS,
     decide_cache,
     feature_extractor_for,

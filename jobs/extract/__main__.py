@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from common.stage import EXIT_BAD_INPUT, run_stage, stage_main
+from common.core.stage import EXIT_BAD_INPUT, run_stage, stage_main
 from jobs.extract import STAGE, ExtractSettings, extract, extract_inputs
 
 EXAMPLES = """examples:

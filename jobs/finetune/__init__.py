@@ -8,18 +8,18 @@ Order of work (each step logged):
 1. Load the pretrained model (``<run>/pretrained/model/``) and tokenize the transcripts with the Chinese
    prompt ``<|startoftranscript|><|zh|><|transcribe|><|notimestamps|>`` (the same prompt ``final/``'s
    generation config forces when decoding).
-2. Plan (``common.planner``): device, precision, world size, mode, batch, accumulation, epochs, lr, warmup,
+2. Plan (``common.training.planner``): device, precision, world size, mode, batch, accumulation, epochs, lr, warmup,
    save_steps (never above the total steps), evaluation hold-out (none on small data), memory setup. Every
    decision can be forced with a setting; ``plan.json`` is written and logged BEFORE training starts, with
    this stage's own decisions (frozen encoder layers, encoder cache, fast path, processes) in its ``finetune``
    section. World size > 1: this process decides the resume once, then starts one worker process per rank
-   (``common.launch``: torch.distributed elastic as ``torchrun --standalone``, nccl on CUDA, gloo on CPU) that
+   (``common.training.launch``: torch.distributed elastic as ``torchrun --standalone``, nccl on CUDA, gloo on CPU) that
    runs steps 1 and 3-5 with this plan (``finetune_worker``); rank 0 alone writes plan.json, checkpoints,
    trainer_state.json and final/, and this process writes the manifest. A failed rank fails the stage with
    that rank's error and traceback.
 3. Inputs per clip: log-mel from extract's cache or from the audio; when the bottom of the encoder is frozen
    and epochs reuse it, its output is computed once per clip and kept in RAM (``--encoder-cache``).
-4. Train with the fast loop (``common.fast_train``: one CUDA GPU, bf16, full / freeze-encoder; bf16 weights
+4. Train with the fast loop (``common.training.fast_train``: one CUDA GPU, bf16, full / freeze-encoder; bf16 weights
    with fp32 masters, fused AdamW, compiled layers; ``--fast-path off`` turns it off) or else the Hugging Face
    Trainer (tqdm progress, TensorBoard logs in ``tensorboard/``), checkpointing
    into ``checkpoints/checkpoint-N/`` (uploaded right after each save on S3). A re-run after an interruption
@@ -51,10 +51,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.records import read_jsonl
-from common.settings import StageSettings, fingerprint_fields
-from common.stage import StageContext, StageFailed, upstream_fingerprint
-from common.store import Store, atomic_write_bytes
+from common.core.records import read_jsonl
+from common.core.settings import StageSettings, fingerprint_fields
+from common.core.stage import StageContext, StageFailed, upstream_fingerprint
+from common.core.store import Store, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class FinetuneSettings(StageSettings):
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneSettings:
-        from common.planner import DECISIONS
+        from common.training.planner import DECISIONS
 
         unknown = sorted(set(self.overrides) - set(DECISIONS))
         if unknown:
@@ -199,8 +199,8 @@ def planner_overrides(s: FinetuneSettings) -> dict[str, Any]:
 
 
 def make_plan(s: FinetuneSettings, config: Any, n_train: int, longest_labels: int, encoder_frames: int):
-    from common.memory import profile_from_hf_config
-    from common.planner import PlanError, detect_resources, plan
+    from common.training.memory import profile_from_hf_config
+    from common.training.planner import PlanError, detect_resources, plan
 
     try:
         resources = detect_resources(gpus=0) if s.device == "cpu" else detect_resources()
@@ -250,13 +250,13 @@ def run_signature(ctx: StageContext, the_plan: Any, inputs: dict[str, Any], fast
 def _checkpoint_kind(fast_path: bool):
     """(last complete checkpoint under a folder, is a set of file names a complete checkpoint) for one kind."""
     if fast_path:
-        from common.fast_train import FAST_CHECKPOINT_FILES, last_checkpoint
+        from common.training.fast_train import FAST_CHECKPOINT_FILES, last_checkpoint
 
         def complete(names: set[str]) -> bool:
             weights = "model.safetensors" in names or "model.safetensors.index.json" in names
             return weights and all(f in names for f in FAST_CHECKPOINT_FILES)
     else:
-        from common.train import CHECKPOINT_FILES, last_checkpoint
+        from common.training.train import CHECKPOINT_FILES, last_checkpoint
 
         def complete(names: set[str]) -> bool:
             return all(f in names for f in CHECKPOINT_FILES)
@@ -266,7 +266,7 @@ def _checkpoint_kind(fast_path: bool):
 
 def restore_from_store(ctx: StageContext, fast_path: bool = False) -> None:
     """S3: bring the newest complete remote checkpoint (and the signature) into the local staging folder."""
-    from common.train import CHECKPOINT_PREFIX
+    from common.training.train import CHECKPOINT_PREFIX
 
     _, is_complete = _checkpoint_kind(fast_path)
     if ctx.store.local_path(ctx.key()) is not None:
@@ -328,11 +328,11 @@ def regroup_each_epoch(dataset):
 
 
 def fast_path_decision(s: FinetuneSettings, the_plan: Any, trainee: Any) -> tuple[bool, str]:
-    """(train with common.fast_train, why): its own conditions (one CUDA GPU, plain strategy, bf16, full or
+    """(train with common.training.fast_train, why): its own conditions (one CUDA GPU, plain strategy, bf16, full or
     freeze-encoder) plus the stage's (not switched off, no packed windows)."""
     if s.fast_path == "off":
         return False, "fast_path=off: the Hugging Face Trainer"
-    from common.fast_train import fast_path_applies
+    from common.training.fast_train import fast_path_applies
 
     ok, why = fast_path_applies(the_plan, trainee)
     if not ok:
@@ -346,7 +346,7 @@ def deepspeed_rendezvous(the_plan: Any, env: Mapping[str, str] | None = None) ->
     """Variables a stage process not started by a launcher needs to train with DeepSpeed on its one GPU (empty
     when none are needed): DeepSpeed always joins a torch.distributed group, and without RANK / WORLD_SIZE /
     MASTER_ADDR / ... it tries MPI discovery and fails (no mpi4py). A one-rank group on a free local port."""
-    from common.launch import is_worker
+    from common.training.launch import is_worker
 
     env = os.environ if env is None else env
     if not the_plan.value("deepspeed") or is_worker(env):
@@ -364,10 +364,10 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Any, train_ds:
     """The Hugging Face Trainer (DDP between launched workers, DeepSpeed when the plan says so)."""
     from transformers import Seq2SeqTrainingArguments
 
-    from common.launch import backend_for, is_rank_zero
-    from common.planner import training_arguments_kwargs
-    from common.settings import environment
-    from common.train import make_trainer
+    from common.training.launch import backend_for, is_rank_zero
+    from common.training.planner import training_arguments_kwargs
+    from common.core.settings import environment
+    from common.training.train import make_trainer
 
     s: FinetuneSettings = ctx.settings  # type: ignore[assignment]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.out / TENSORBOARD)  # transformers >= 5
@@ -410,8 +410,8 @@ FAST_SPEED_KEYS = ("samples_per_s", "median_step_seconds", "compiled_layers", "a
 
 def train_with_fast_path(ctx: StageContext, trainee: Any, the_plan: Any, train_ds: Any, eval_ds: Any, collator: Any,
                          resume: Path | None) -> dict[str, Any]:
-    """common.fast_train on one GPU; its checkpoints go where the Trainer's would (checkpoints/checkpoint-N)."""
-    from common.fast_train import FastOptions, train_fast
+    """common.training.fast_train on one GPU; its checkpoints go where the Trainer's would (checkpoints/checkpoint-N)."""
+    from common.training.fast_train import FastOptions, train_fast
 
     s: FinetuneSettings = ctx.settings  # type: ignore[assignment]
     result = train_fast(
@@ -462,8 +462,8 @@ def final_weights_source(the_plan: Any, fast_path: bool) -> tuple[str, str]:
 def final_trainee_from_zero(ctx: StageContext, model_dir: Path, spec: Any, global_step: int) -> Any:
     """A fresh CPU trainee with the fp32 master weights of checkpoints/checkpoint-<global_step> (the Trainer saves
     one at the last step: save_strategy "steps" saves when training ends)."""
-    from common.train import TrainError, checkpoint_step, last_checkpoint, trainee_from_zero_checkpoint
-    from common.zero_export import ZeroCheckpointError
+    from common.training.train import TrainError, checkpoint_step, last_checkpoint, trainee_from_zero_checkpoint
+    from common.training.zero_export import ZeroCheckpointError
 
     last = last_checkpoint(ctx.out / CHECKPOINTS)
     if last is None or checkpoint_step(last) != global_step:
@@ -499,7 +499,7 @@ def world_size_note(the_plan: Any) -> str | None:
 
 
 def launcher_info(the_plan: Any, worker: WorkerJob | None) -> dict[str, Any]:
-    from common.launch import backend_for
+    from common.training.launch import backend_for
 
     n = the_plan.world_size
     return {"processes": n, "backend": backend_for(the_plan.device) if n > 1 else None,
@@ -507,7 +507,7 @@ def launcher_info(the_plan: Any, worker: WorkerJob | None) -> dict[str, Any]:
 
 
 def launch_reason(the_plan: Any, worker: WorkerJob | None) -> str:
-    from common.launch import backend_for
+    from common.training.launch import backend_for
 
     n = the_plan.world_size
     if n == 1:
@@ -520,7 +520,7 @@ def launch_reason(the_plan: Any, worker: WorkerJob | None) -> str:
 def launch_finetune(ctx: StageContext, the_plan: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """The parent of a multi-process run: decide the resume once, start one worker per rank, wait; returns
     rank 0's summary (with every rank's step count) for the manifest run_stage writes."""
-    from common.launch import WorkerFailed, launch_workers
+    from common.training.launch import WorkerFailed, launch_workers
 
     resume = checkpoint_to_resume(ctx, run_signature(ctx, the_plan, inputs, fast_path=False))
     job = WorkerJob(plan=the_plan, resume=resume)
@@ -542,8 +542,8 @@ def launch_finetune(ctx: StageContext, the_plan: Any, inputs: dict[str, Any]) ->
 def finetune_worker(settings: FinetuneSettings, out: str, job: WorkerJob) -> dict[str, Any]:
     """One launched rank (runs in its own process): the stage body in ``out`` with the parent's plan. No skip
     check, no manifest: the parent's run_stage does those once."""
-    from common.launch import is_rank_zero, local_rank, setup_worker_logging
-    from common.store import open_store
+    from common.training.launch import is_rank_zero, local_rank, setup_worker_logging
+    from common.core.store import open_store
 
     setup_worker_logging(settings.log_level)
     if job.plan.device == "cuda":
@@ -563,8 +563,8 @@ def finetune_worker(settings: FinetuneSettings, out: str, job: WorkerJob) -> dic
 def _threads(s: FinetuneSettings) -> int:
     import torch
 
-    from common.launch import local_world_size
-    from common.planner import detect_resources
+    from common.training.launch import local_world_size
+    from common.training.planner import detect_resources
 
     n = s.threads or max(1, detect_resources(gpus=0).cpu_count // local_world_size())  # shared by the workers
     torch.set_num_threads(n)
@@ -586,9 +586,9 @@ def finetune(ctx: StageContext, worker: WorkerJob | None = None) -> dict[str, An
     import psutil
     from transformers import set_seed
 
-    from common.launch import is_rank_zero, needs_launch, worker_rank
-    from common.records import transcript
-    from common.train import (
+    from common.training.launch import is_rank_zero, needs_launch, worker_rank
+    from common.core.records import transcript
+    from common.training.train import (
         ModeSpec,
         cache_pays,
         encode_frozen,
@@ -598,7 +598,7 @@ def finetune(ctx: StageContext, worker: WorkerJob | None = None) -> dict[str, An
         merge_factors,
         save_final,
     )
-    from common.whisper_data import (
+    from common.families.whisper.data import (
         FeatureSource,
         PackedWhisperDataset,
         WhisperCollator,

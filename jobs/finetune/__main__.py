@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from common.stage import EXIT_BAD_INPUT, run_stage, stage_main
+from common.core.stage import EXIT_BAD_INPUT, run_stage, stage_main
 from jobs.finetune import STAGE, FinetuneSettings, finetune, finetune_inputs
 
 EXAMPLES = """examples:

@@ -6,13 +6,13 @@
 Outputs in ``<artifacts>/<run-id>/prepare/``:
 
 - ``audio/<name>.wav`` — every kept clip once, 16 kHz mono 16-bit PCM (``<name>`` is the id, made
-  file-name safe: see ``common.dataset.safe_file_name``). Train and test share the folder: ids are unique
+  file-name safe: see ``common.core.dataset.safe_file_name``). Train and test share the folder: ids are unique
   across both splits (a test row reusing a train id is a ``duplicate_id``).
-- ``train.jsonl``, ``test.jsonl`` — records in the conversation format (``common.records.make_record``)
+- ``train.jsonl``, ``test.jsonl`` — records in the conversation format (``common.core.records.make_record``)
   with the raw transcript, ``audio_path`` = ``prepare/audio/<name>.wav`` and where the clip came from
   (``source``, ``csv_line``, ``orig_sample_rate``, ``orig_channels``, ``orig_format``).
 - ``rejected.jsonl`` — one line per bad row: ``{"split", "csv", "line", "row", "reason", "message"}``
-  (reason codes: the table in ``common.dataset``).
+  (reason codes: the table in ``common.core.dataset``).
 - ``stats.json`` — rows kept/rejected per split and per reason, hours, a duration histogram with fixed
   bins, the character inventory, and the sample rates / channels / formats of the original files.
 
@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
-from common.audio import (
+from common.core.audio import (
     SAMPLE_RATE,
     AudioProblem,
     check_audio,
@@ -51,7 +51,7 @@ from common.audio import (
     load_audio,
     write_wav16,
 )
-from common.dataset import (
+from common.core.dataset import (
     REASONS,
     AudioFile,
     DatasetError,
@@ -69,11 +69,11 @@ from common.dataset import (
     safe_file_name,
     utterance_id,
 )
-from common.records import make_record, transcript, write_jsonl
-from common.settings import StageSettings
-from common.stage import StageContext, StageFailed
-from common.store import StoreError, atomic_write_bytes, sha256_file
-from common.text import is_cjk_char
+from common.core.records import make_record, transcript, write_jsonl
+from common.core.settings import StageSettings
+from common.core.stage import StageContext, StageFailed
+from common.core.store import StoreError, atomic_write_bytes, sha256_file
+from common.core.text import is_cjk_char
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from common.stage import EXIT_BAD_INPUT, run_stage, stage_main
+from common.core.stage import EXIT_BAD_INPUT, run_stage, stage_main
 from jobs.prepare import STAGE, PrepareSettings, prepare, scan_inputs
 
 EXAMPLES = """examples:

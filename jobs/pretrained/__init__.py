@@ -9,7 +9,7 @@ Outputs in ``<artifacts>/<run-id>/pretrained/``:
 - ``provenance.json`` — the reference, where it resolved to (PyPI packages, hub commit, S3 URI, folder), the
   conversion used, sha256 of the weight files (and of the source's, when converted) and the license note.
 
-The reference forms are those of :mod:`common.models`. The stage's input fingerprint is the reference plus
+The reference forms are those of :mod:`common.core.models`. The stage's input fingerprint is the reference plus
 what it points to where that is cheap to know (package versions, the files of a local folder), so editing
 a local model folder re-runs the stage.
 """
@@ -23,16 +23,16 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.models import (
+from common.core.models import (
     KIMI_AUDIO_POINTER,
     ModelRefError,
     parse_model_ref,
     ref_fingerprint,
     resolve_model_ref,
 )
-from common.settings import StageSettings
-from common.stage import StageContext, StageFailed
-from common.store import atomic_write_bytes
+from common.core.settings import StageSettings
+from common.core.stage import StageContext, StageFailed
+from common.core.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

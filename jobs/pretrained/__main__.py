@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from common.stage import EXIT_BAD_INPUT, run_stage, stage_main
+from common.core.stage import EXIT_BAD_INPUT, run_stage, stage_main
 from jobs.pretrained import STAGE, PretrainedSettings, pretrained, pretrained_inputs
 
 EXAMPLES = """examples:

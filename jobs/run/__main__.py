@@ -9,7 +9,7 @@ executor, e.g. ASRFT_RUN_K8S__NAMESPACE), and the common ASRFT_ARTIFACTS, ASRFT_
 ASRFT_S3__* which every step inherits.
 
 Each step runs as its own process with exactly the environment a container gets (``asr-ft <step>`` with
-ASRFT_* variables; see common/pipeline.py). A step whose manifest matches its inputs and settings skips
+ASRFT_* variables; see common/executors/pipeline.py). A step whose manifest matches its inputs and settings skips
 itself; the run stops at the first failure, shows that step's last output lines, and ends with a summary table.
 """
 
@@ -29,12 +29,12 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common.compose import ComposeSettings
-from common.k8s import K8sSettings
-from common.pipeline import demo_config_path, load_pipeline, local_env, steps_of
-from common.settings import COMMON_FIELDS, SettingsError, StageSettings, build_parser, load_settings
-from common.stage import EXIT_BAD_INPUT, EXIT_OK, MANIFEST, setup_logging
-from common.store import open_store
+from common.executors.compose import ComposeSettings
+from common.executors.k8s import K8sSettings
+from common.executors.pipeline import demo_config_path, load_pipeline, local_env, steps_of
+from common.core.settings import COMMON_FIELDS, SettingsError, StageSettings, build_parser, load_settings
+from common.core.stage import EXIT_BAD_INPUT, EXIT_OK, MANIFEST, setup_logging
+from common.core.store import open_store
 
 log = logging.getLogger("asr-ft.run")
 
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     if settings.executor == "local":
         results = run_local(steps, pipeline, common, settings)
     elif settings.executor == "compose":
-        from common.compose import run_compose
+        from common.executors.compose import run_compose
 
         return run_compose(steps, pipeline, common, settings)
     else:
-        from common.k8s import run_k8s
+        from common.executors.k8s import run_k8s
 
         return run_k8s(steps, pipeline, common, settings)
     if settings.dry_run:

@@ -17,9 +17,9 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import StageSettings
-from common.stage import StageContext, StageFailed
-from common.store import sha256_file
+from common.core.settings import StageSettings
+from common.core.stage import StageContext, StageFailed
+from common.core.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def score_inputs(settings: ScoreSettings) -> dict[str, Any]:
 
 
 def score(ctx: StageContext) -> dict[str, Any]:
-    from common.metrics import PredictionsError, load_predictions, metrics_by_model_set, with_errors
-    from common.report import write_report
+    from common.core.metrics import PredictionsError, load_predictions, metrics_by_model_set, with_errors
+    from common.core.report import write_report
 
     settings: ScoreSettings = ctx.settings
     try:

@@ -24,8 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import Seq2SeqTrainer, TrainerCallback, WhisperConfig, WhisperForConditionalGeneration  # noqa: E402
 
-from common.memory import profile_from_hf_config  # noqa: E402
-from common.planner import deepspeed_config, detect_resources, plan, training_arguments  # noqa: E402
+from common.training.memory import profile_from_hf_config  # noqa: E402
+from common.training.planner import deepspeed_config, detect_resources, plan, training_arguments  # noqa: E402
 
 UPSTREAM_SCHEDULER = {  # finetune_codes/ds_config_zero3.json of MoonshotAI/Kimi-Audio
     "type": "WarmupLR",
@@ -70,7 +70,7 @@ def main() -> None:
     profile = profile_from_hf_config(config, decoder_seq_len=LABEL_TOKENS)
     overrides: dict = {"strategy": a.strategy}
     if a.upstream_scheduler:
-        from common.memory import STRATEGIES
+        from common.training.memory import STRATEGIES
 
         overrides["deepspeed"] = {**deepspeed_config(STRATEGIES[a.strategy], "bf16", profile),
                                   "scheduler": UPSTREAM_SCHEDULER}

@@ -1,4 +1,4 @@
-"""The fast path (common/fast_train.py) on a CUDA GPU: a small random Whisper learns fixed transcripts of
+"""The fast path (common/training/fast_train.py) on a CUDA GPU: a small random Whisper learns fixed transcripts of
 random 30-s log-mels (loss falls), with the plan the planner makes for this GPU, in both precisions
 (bf16 weights + fp32 masters with compiled layers; fp32 weights under bf16 autocast), and its checkpoint
 reloads into a plain fp32 Hugging Face model equal to the weights the trainee holds afterwards."""
@@ -37,7 +37,7 @@ class _Clips:
         return N_CLIPS
 
     def __getitem__(self, i: int) -> dict:
-        from common.whisper_data import make_target
+        from common.families.whisper.data import make_target
 
         dec, lab = make_target(PROMPT, self.texts[i], EOT)
         return {"input_features": self.features[i].float().numpy(), "decoder_input_ids": dec, "labels": lab}
@@ -49,11 +49,11 @@ def test_small_whisper_learns_and_its_checkpoint_reloads_as_fp32(tmp_path, preci
         pytest.fail("the gpu tests need a CUDA GPU (run them on the GPU machine: pytest -m gpu tests/gpu)")
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from common.fast_train import FastOptions, fast_path_applies, last_checkpoint, train_fast
-    from common.memory import profile_from_hf_config
-    from common.planner import detect_resources, plan
-    from common.train import ModeSpec, make_trainee
-    from common.whisper_data import WhisperCollator
+    from common.training.fast_train import FastOptions, fast_path_applies, last_checkpoint, train_fast
+    from common.training.memory import profile_from_hf_config
+    from common.training.planner import detect_resources, plan
+    from common.training.train import ModeSpec, make_trainee
+    from common.families.whisper.data import WhisperCollator
 
     config = WhisperConfig(**SMALL)
     the_plan = plan(profile_from_hf_config(config, decoder_seq_len=17), n_train=N_CLIPS, mode="full", lr=1e-3,

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))  # the tiny-model run he
 
 from test_finetune import prepared_run  # noqa: E402
 
-from common.stage import MANIFEST  # noqa: E402
+from common.core.stage import MANIFEST  # noqa: E402
 
 N_CLIPS = 10
 MAX_STEPS = 300  # long enough that the kill lands between the first checkpoint and the end
@@ -109,7 +109,7 @@ def nccl_all_reduce() -> dict:
     import torch
     import torch.distributed as dist
 
-    from common.launch import WORKER_ENV, local_rank
+    from common.training.launch import WORKER_ENV, local_rank
 
     torch.cuda.set_device(local_rank())
     dist.init_process_group("nccl")
@@ -125,7 +125,7 @@ def test_launcher_runs_nccl_workers_on_every_gpu():
     """The stage's launcher on CUDA: one worker per GPU, NCCL between them, NVLink multicast off in each."""
     import torch
 
-    from common.launch import WORKER_ENV, launch_workers
+    from common.training.launch import WORKER_ENV, launch_workers
 
     n = torch.cuda.device_count()
     assert n >= 1, "the gpu tests need a CUDA GPU"

@@ -4,7 +4,7 @@ the 16-bit copies the module holds under bf16.
 
 For each case the stage runs in its own process (DeepSpeed's process group and globals stay there) on a tiny
 random Whisper (tests/integration/test_finetune.py's helpers), 6 steps with a checkpoint every 3. The check
-reads the checkpoint-6 shards with DeepSpeed's zero_to_fp32 (common.zero_export.zero_fp32_weights) and
+reads the checkpoint-6 shards with DeepSpeed's zero_to_fp32 (common.training.zero_export.zero_fp32_weights) and
 compares final/ with them: full fine-tuning weight for weight (exactly); LoRA as pretrained + alpha/r · B·A on
 the adapted linears and the exact pretrained weights elsewhere.
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))  # the tiny-model run he
 
 from test_finetune import prepared_run  # noqa: E402
 
-from common.stage import MANIFEST  # noqa: E402
+from common.core.stage import MANIFEST  # noqa: E402
 
 N_CLIPS = 10
 MAX_STEPS = 6
@@ -76,7 +76,7 @@ def test_final_holds_the_fp32_masters_of_the_last_zero_checkpoint(run_dirs, stra
     import torch
     from transformers import WhisperForConditionalGeneration
 
-    from common.zero_export import is_zero_checkpoint, zero_fp32_weights
+    from common.training.zero_export import is_zero_checkpoint, zero_fp32_weights
 
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need a CUDA GPU (run them on the GPU machine: pytest -m gpu tests/gpu)")

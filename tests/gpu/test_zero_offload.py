@@ -106,7 +106,7 @@ def test_export_consolidates_zero3_shards_into_a_whisper_model(probe, tmp_path):
     from safetensors.torch import load_file
     from transformers import WhisperForConditionalGeneration
 
-    from common.zero_export import consolidate_zero_checkpoint, is_zero_checkpoint
+    from common.training.zero_export import consolidate_zero_checkpoint, is_zero_checkpoint
 
     checkpoint = Path(probe["final_checkpoint"])
     assert is_zero_checkpoint(checkpoint)

@@ -33,8 +33,8 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from common.memory import profile_from_hf_config  # noqa: E402
-from common.planner import detect_resources, plan, training_arguments  # noqa: E402
+from common.training.memory import profile_from_hf_config  # noqa: E402
+from common.training.planner import detect_resources, plan, training_arguments  # noqa: E402
 
 # small Whisper: d_model 256, 4 + 4 layers; 200 mel frames (max_source_positions 100) keep steps fast
 SMALL = dict(d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4, decoder_attention_heads=4,

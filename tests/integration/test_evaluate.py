@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from common.records import make_record, write_jsonl
+from common.core.records import make_record, write_jsonl
 from jobs.evaluate import PREDICTION_KEYS
 
 SR = 16_000
@@ -73,7 +73,7 @@ def write_clip(path: Path, seconds: float, freq: float) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    from common.ct2_whisper import export_hf_to_ct2
+    from common.families.whisper.ct2 import export_hf_to_ct2
 
     root = tmp_path_factory.mktemp("tiny")
     hf = save_tiny_whisper(root / "hf")
@@ -167,8 +167,8 @@ def test_evaluate_models_and_sets(tmp_path: Path, tiny: dict[str, Path], data: d
 def test_transformers_engine_through_the_stage(tmp_path: Path, tiny: dict[str, Path], data: dict[str, Path]) -> None:
     """--backend hf (the GPU path's engine; fp32 on CPU) with an HF folder and a CT2 folder (converted back to
     HF in the cache) decodes what CTranslate2 decodes from the same weights."""
-    from common.audio import load_audio
-    from common.transcribe import CT2Engine, DecodeOptions
+    from common.core.audio import load_audio
+    from common.core.transcribe import CT2Engine, DecodeOptions
 
     argv = ["--model", f"hf={tiny['hf']}", "--model", f"ct2={tiny['ct2']}", "--backend", "hf", "--device", "cpu",
             "--artifacts", str(tmp_path / "runs"), "--run-id", "engine-hf", "--no-real-zh-dev",
@@ -187,7 +187,7 @@ def test_transformers_engine_through_the_stage(tmp_path: Path, tiny: dict[str, P
 
 @pytest.mark.parametrize("max_new_tokens", [1, 5, 9])
 def test_max_new_tokens_means_the_same_for_both_engines(tiny: dict[str, Path], max_new_tokens: int) -> None:
-    from common.transcribe import CT2Engine, DecodeOptions, HFEngine
+    from common.core.transcribe import CT2Engine, DecodeOptions, HFEngine
 
     options = DecodeOptions(max_new_tokens=max_new_tokens)
     audio = [np.zeros(SR, np.float32), 0.1 * np.ones(2 * SR, np.float32)]

@@ -14,8 +14,8 @@ import pytest
 from pydantic_settings import SettingsConfigDict
 from test_evaluate import save_tiny_whisper
 
-from common.settings import StageSettings, load_settings
-from common.stage import run_stage
+from common.core.settings import StageSettings, load_settings
+from common.core.stage import run_stage
 
 SR = 16_000
 CT2_WEIGHT = "encoder/layer_0/ffn/linear_0/weight"  # a linear weight: it carries the quantization type
@@ -45,7 +45,7 @@ def test_export_loads_offline_and_decodes(tmp_path: Path, tiny_hf: Path, quantiz
     from faster_whisper import WhisperModel
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from common.ct2_whisper import read_ct2_model
+    from common.families.whisper.ct2 import read_ct2_model
 
     assert export(["--checkpoint", str(tiny_hf), "--quantization", quantization,
                    "--artifacts", str(tmp_path / "runs"), "--run-id", "x"]) == 0
@@ -131,7 +131,7 @@ def test_pretrained_from_a_ctranslate2_folder(tmp_path: Path, tiny_hf: Path) -> 
     """A faster-whisper (CTranslate2) folder becomes an HF folder with the very same weights."""
     import torch
 
-    from common.ct2_whisper import export_hf_to_ct2
+    from common.families.whisper.ct2 import export_hf_to_ct2
 
     ct2 = export_hf_to_ct2(tiny_hf, tmp_path / "faster-whisper-tiny", "float32")
     assert pretrained(["--model", str(ct2), "--artifacts", str(tmp_path / "runs"), "--run-id", "p"]) == 0

@@ -22,8 +22,8 @@ import pytest
 import soundfile as sf
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import StageSettings, load_settings
-from common.stage import MANIFEST, run_stage
+from common.core.settings import StageSettings, load_settings
+from common.core.stage import MANIFEST, run_stage
 
 REPO = Path(__file__).resolve().parents[2]
 SR = 16_000
@@ -128,7 +128,7 @@ def test_extract_cache_decision(run_dirs, cache, epochs, cached):
     if cached:
         shard = np.load(out / train[0]["features"]["shard"])
         assert shard.dtype == np.float16 and shard.shape == (len(train), 80, 3000)
-        from common.whisper_data import feature_extractor_for, record_mel
+        from common.families.whisper.data import feature_extractor_for, record_mel
 
         fe = feature_extractor_for(artifacts / "r" / "pretrained" / "model")
         direct = record_mel(train[3], artifacts / "r", fe)
@@ -263,7 +263,7 @@ def tiny_model(tmp_path_factory):
 def test_frozen_bottom_then_top_is_the_encoder(tiny_model, k):
     import torch
 
-    from common.train import encode_bottom, encode_top
+    from common.training.train import encode_bottom, encode_top
 
     model = tiny_model()
     x = torch.randn(2, 80, 3000)
@@ -285,7 +285,7 @@ def test_frozen_bottom_then_top_is_the_encoder(tiny_model, k):
     ],
 )
 def test_modes_freeze_what_they_say(tiny_model, mode, frozen, parts, n_targets, cacheable):
-    from common.train import ModeSpec, frozen_bottom_cacheable, lora_target_names, make_trainee
+    from common.training.train import ModeSpec, frozen_bottom_cacheable, lora_target_names, make_trainee
 
     model = tiny_model()
     spec = ModeSpec(mode=mode, frozen_encoder_layers=frozen, lora_r=2, lora_parts=parts or ("encoder", "decoder"))
@@ -311,7 +311,7 @@ def test_modes_freeze_what_they_say(tiny_model, mode, frozen, parts, n_targets, 
     ],
 )
 def test_encoder_cache_decision(policy, cacheable, epochs, free_gb, expected):
-    from common.train import cache_pays
+    from common.training.train import cache_pays
 
     decided, reason = cache_pays(policy, cacheable, epochs, 200, 1500 * 512 * 4, int(free_gb * 1e9))
     assert decided is expected and reason

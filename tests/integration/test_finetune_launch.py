@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_finetune import prepared_run, save_tiny_whisper
 
-from common.stage import MANIFEST
+from common.core.stage import MANIFEST
 
 N_CLIPS = 10  # 8 train + 2 test
 MAX_STEPS = 4  # 8 clips / (batch 2 x 2 ranks) = 2 steps per epoch: 2 epochs

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common.stage import MANIFEST
+from common.core.stage import MANIFEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from k8s_fake_api import FakeKubeAPI, Outcome  # noqa: E402

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from test_evaluate import save_tiny_whisper
 
-from common.store import sha256_file
+from common.core.store import sha256_file
 
 STAGES = ["prepare", "extract", "pretrained", "finetune", "export", "evaluate"]
 EXPECTED = {  # stage → files that must exist in <run>/<stage>/

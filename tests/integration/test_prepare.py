@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from common.dataset import REASONS
-from common.records import read_jsonl, transcript
-from common.settings import S3Settings
-from common.store import open_store
+from common.core.dataset import REASONS
+from common.core.records import read_jsonl, transcript
+from common.core.settings import S3Settings
+from common.core.store import open_store
 from jobs.prepare import duration_bin_labels, duration_histogram, split_by_ratio
 from jobs.prepare.__main__ import main
 

@@ -16,10 +16,10 @@ import pytest
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from common import store as store_mod
-from common.settings import S3Settings, StageSettings, load_settings
-from common.stage import EXIT_FAILED, EXIT_OK, MANIFEST, run_stage, upstream_fingerprint
-from common.store import S3Store, StoreError, make_s3_client, open_store
+from common.core import store as store_mod
+from common.core.settings import S3Settings, StageSettings, load_settings
+from common.core.stage import EXIT_FAILED, EXIT_OK, MANIFEST, run_stage, upstream_fingerprint
+from common.core.store import S3Store, StoreError, make_s3_client, open_store
 
 ACCESS_KEY, SECRET_KEY = "AKIDASRFTTEST", "asr-ft-test-secret-never-shown"
 MIN_PART = 5 * 1024 * 1024  # S3's (and moto's) smallest non-final multipart part
@@ -271,7 +271,7 @@ def test_sync_uploads_only_changed_files(s3_server, bucket, monkeypatch, uploads
 
 def test_adopted_upload_record_is_not_sent_again(s3_server, bucket, monkeypatch, uploads):
     """A launched worker syncs into the stage folder; the parent adopts its record and uploads only new files."""
-    from common.stage import StageContext
+    from common.core.stage import StageContext
 
     def body(ctx):
         worker = StageContext(ctx.stage, ctx.settings, ctx.store, ctx.run_prefix, ctx.out)  # e.g. rank 0

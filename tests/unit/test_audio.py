@@ -1,4 +1,4 @@
-"""common.audio: decoding every libsndfile format to 16 kHz mono, the problem checks, 16-bit wav output."""
+"""common.core.audio: decoding every libsndfile format to 16 kHz mono, the problem checks, 16-bit wav output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from common.audio import (
+from common.core.audio import (
     SAMPLE_RATE,
     SILENCE_PEAK,
     AudioProblem,

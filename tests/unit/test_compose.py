@@ -1,4 +1,4 @@
-"""The compose executor (common/compose.py) and the committed docker-compose.yml / docker-compose.cpu.yml:
+"""The compose executor (common/executors/compose.py) and the committed docker-compose.yml / docker-compose.cpu.yml:
 one service per step in the order of `asr-ft run`, the same environment contract as the other executors,
 GPU reservation with a CPU override, podman translation, and running the steps in order with a stand-in
 `podman` (a test double: a shell script on PATH that records its arguments and exits as told).
@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from common import compose
-from common.compose import (
+from common.executors import compose
+from common.executors.compose import (
     ComposeSettings,
     compose_project,
     interpolate,
@@ -27,8 +27,8 @@ from common.compose import (
     run_compose,
     service_order,
 )
-from common.pipeline import common_env, demo_config_path, load_pipeline, section_env, steps_of
-from common.settings import S3Settings
+from common.executors.pipeline import common_env, demo_config_path, load_pipeline, section_env, steps_of
+from common.core.settings import S3Settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -114,10 +114,10 @@ def test_one_service_per_step_chained_in_order(demo):
 
 @pytest.mark.parametrize("step", ["demo-data", "prepare", "extract", "pretrained", "finetune", "export", "evaluate"])
 def test_service_environment_is_the_pipeline_contract(demo, step):
-    """Each service's environment (after compose's interpolation) = what common.pipeline gives that step,
+    """Each service's environment (after compose's interpolation) = what common.executors.pipeline gives that step,
     with the artifacts on the volume and the read-only-root paths — the same as a Kubernetes step Job."""
-    from common.k8s import K8sSettings
-    from common.k8s import step_env as k8s_step_env
+    from common.executors.k8s import K8sSettings
+    from common.executors.k8s import step_env as k8s_step_env
 
     env = {k: interpolate(v, {}) for k, v in load_committed()["services"][step]["environment"].items()}
     expected = {**section_env(demo, step), **common_env(DEMO_COMMON, secrets=False),
@@ -164,7 +164,7 @@ def test_images_are_overridable_from_the_environment():
 
 
 def test_contract_matches_kubernetes_executor_and_images():
-    from common import k8s
+    from common.executors import k8s
 
     assert (compose.IMAGE_REPO, compose.UID, compose.GID) == (k8s.IMAGE_REPO, k8s.UID, k8s.GID)
     assert (compose.TMP_PATH, compose.CACHE_PATH, compose.GPU_STEPS) == (k8s.TMP_PATH, k8s.CACHE_PATH, k8s.GPU_STAGES)

@@ -1,4 +1,4 @@
-"""common.dataset: CSV reading (BOM, columns, malformed lines), ids → files, path safety, text checks."""
+"""common.core.dataset: CSV reading (BOM, columns, malformed lines), ids → files, path safety, text checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from common.dataset import (
+from common.core.dataset import (
     AUDIO_EXTENSIONS,
     DatasetError,
     LocalAudioDir,

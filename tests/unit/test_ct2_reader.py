@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ctranslate2.specs import model_spec  # noqa: E402
 
-from common.ct2_whisper import (  # noqa: E402
+from common.families.whisper.ct2 import (  # noqa: E402
     CT2ConversionError,
     CT2FormatError,
     bundled_whisper_base_ct2_dir,

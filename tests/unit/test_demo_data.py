@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from common import demo_data
-from common.demo_data import (
+from common.core import demo_data
+from common.core.demo_data import (
     MAX_SYLLABLES,
     MIN_SYLLABLES,
     SAMPLE_RATE,

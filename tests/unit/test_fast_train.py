@@ -1,4 +1,4 @@
-"""The CPU-runnable parts of the fast path (common/fast_train.py): fp32 master weights behind bf16 working
+"""The CPU-runnable parts of the fast path (common/training/fast_train.py): fp32 master weights behind bf16 working
 weights, fp32 gradient accumulation and clipping, data order and resume, decoder padding, and the checkpoint
 format (a plain fp32 Hugging Face model + optimizer state) including an exact resume, on a tiny Whisper."""
 
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from common.fast_train import (
+from common.training.fast_train import (
     IGNORE_INDEX,
     FastOptions,
     MasterWeights,
@@ -148,7 +148,7 @@ class _Clips:
         return len(self.texts)
 
     def __getitem__(self, i: int) -> dict:
-        from common.whisper_data import make_target
+        from common.families.whisper.data import make_target
 
         dec, lab = make_target(PROMPT, self.texts[i], EOT)
         return {"input_features": self.features[i].float().numpy(), "decoder_input_ids": dec, "labels": lab}
@@ -157,7 +157,7 @@ class _Clips:
 def _trainee(seed: int = 0):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from common.train import ModeSpec, make_trainee
+    from common.training.train import ModeSpec, make_trainee
 
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(WhisperConfig(**TINY))
@@ -167,8 +167,8 @@ def _trainee(seed: int = 0):
 def _plan(n_train: int, steps: int, save_steps: int):
     from transformers import WhisperConfig
 
-    from common.memory import profile_from_hf_config
-    from common.planner import Resources, plan
+    from common.training.memory import profile_from_hf_config
+    from common.training.planner import Resources, plan
 
     resources = Resources(gpus=0, host_ram_bytes=16 * 2**30, cpu_count=2)
     profile = profile_from_hf_config(WhisperConfig(**TINY), decoder_seq_len=12)
@@ -179,7 +179,7 @@ def _plan(n_train: int, steps: int, save_steps: int):
 def test_train_fast_checkpoints_reload_as_fp32_and_resume_exactly(tmp_path) -> None:
     from transformers import WhisperForConditionalGeneration
 
-    from common.whisper_data import WhisperCollator
+    from common.families.whisper.data import WhisperCollator
 
     data = _Clips(12, TINY["num_mel_bins"], 2 * TINY["max_source_positions"])
     the_plan = _plan(len(data), steps=4, save_steps=2)
@@ -213,7 +213,7 @@ def test_train_fast_checkpoints_reload_as_fp32_and_resume_exactly(tmp_path) -> N
 
 @pytest.mark.parametrize(("limit", "groups"), [(2**30, 2), (128, 3)])
 def test_large_groups_split_into_several_flat_buffers(monkeypatch, limit: int, groups: int) -> None:
-    import common.fast_train as ft
+    import common.training.fast_train as ft
 
     monkeypatch.setattr(ft, "MAX_FLAT_ELEMENTS", limit)
     params = [torch.nn.Parameter(torch.full((8, 8), float(i))) for i in range(3)] + [torch.nn.Parameter(torch.ones(8))]
@@ -261,7 +261,7 @@ def test_host_decoder_positions_change_no_number_and_pass_host_positions() -> No
     runs on the CPU) and loss and gradients are exactly those of the plain model; removed, nothing remains."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from common.fast_train import HostDecoderPositions
+    from common.training.fast_train import HostDecoderPositions
 
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(WhisperConfig(**TINY)).train()

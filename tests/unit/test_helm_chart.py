@@ -18,8 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from common.pipeline import demo_config_path, load_pipeline, steps_of
-from common.settings import COMMON_FIELDS, StageSettings, load_settings
+from common.executors.pipeline import demo_config_path, load_pipeline, steps_of
+from common.core.settings import COMMON_FIELDS, StageSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "asr-ft"
@@ -28,7 +28,7 @@ SCENARIOS = ["defaults", *(p.name for p in CI_FILES)]
 KUBE_VERSIONS = ("1.30.0", "1.35.0")  # the oldest and newest minor versions checked (chart: kubeVersion >=1.27)
 RELEASE, NAMESPACE = "asr-ft", "asr-ft"  # with this release name, object names equal k8s/README.md's
 UID = 10001
-# The orchestrator's Role: what issue 4 lists, plus pods watch (common/k8s.py watches a step's pod until it runs).
+# The orchestrator's Role: what issue 4 lists, plus pods watch (common/executors/k8s.py watches a step's pod until it runs).
 RBAC_RULES = {
     ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
@@ -233,7 +233,7 @@ def test_default_pipeline_is_the_built_in_demo_on_the_volume(chart):
 @pytest.mark.parametrize("scenario, gpus", [("defaults", 1), ("gpu-values.yaml", 1), ("cpu-only-values.yaml", 0)])
 def test_step_jobs_made_from_the_configmap(chart, scenario, gpus, tmp_path):
     """Values → ConfigMap → the k8s executor's step Jobs (as `asr-ft run --executor k8s --dry-run` makes them)."""
-    from common.k8s import build_jobs
+    from common.executors.k8s import build_jobs
     from jobs.run.__main__ import RunSettings
 
     path = tmp_path / "pipeline.yaml"

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from common import k8s as k8s_mod
-from common.k8s import (
+from common.executors import k8s as k8s_mod
+from common.executors.k8s import (
     ANNOTATION_RESOURCES,
     K8sSettings,
     PodResources,
@@ -27,10 +27,10 @@ from common.k8s import (
     job_name,
     model_profile,
 )
-from common.pipeline import load_pipeline, steps_of
-from common.settings import S3Settings, SettingsError, load_settings
-from common.stage import MANIFEST, code_version
-from common.store import LocalStore
+from common.executors.pipeline import load_pipeline, steps_of
+from common.core.settings import S3Settings, SettingsError, load_settings
+from common.core.stage import MANIFEST, code_version
+from common.core.store import LocalStore
 from jobs.run.__main__ import RunSettings, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def validate(obj: dict, versions=VERSIONS) -> None:
 
 def demo(**cli) -> tuple[dict, dict, K8sSettings]:
     """The built-in demo pipeline, its common values (as `asr-ft run` resolves them) and k8s settings."""
-    from common.pipeline import demo_config_path
+    from common.executors.pipeline import demo_config_path
 
     pipeline = load_pipeline(None)
     settings = load_settings(RunSettings, cli, demo_config_path())
@@ -166,8 +166,9 @@ def test_training_job_takes_gpus_memory_and_shm_from_the_plan():
 
 
 def test_training_resources_come_from_the_planner(tmp_path):
-    """finetune_resources runs common.planner with the model's real config and prepare's count from the store."""
-    from common import memory, planner
+    """finetune_resources runs common.training.planner with the model's real config and prepare's count from the store."""
+    from common.training import memory
+    from common.training import planner
 
     pipeline, common, k8s = demo(**{"k8s.gpus": "1", "k8s.gpu_memory_gb": "80", "k8s.gpu_node_memory_gb": "125"})
     pipeline["finetune"] = {}  # planner defaults on both sides

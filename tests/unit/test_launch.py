@@ -1,4 +1,4 @@
-"""The finetune stage's own launcher (common/launch.py) and the stage's decisions around it: when to launch,
+"""The finetune stage's own launcher (common/training/launch.py) and the stage's decisions around it: when to launch,
 the workers' environment, a failed worker's error, world size 1 through the launcher, the GPU-count note for
 small data, the fast-path switch, and checkpoints of the two training loops never resuming each other.
 
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from common.launch import (
+from common.training.launch import (
     WORKER_ENV,
     WorkerFailed,
     backend_for,
@@ -138,7 +138,7 @@ def test_a_failed_worker_fails_the_launch_with_its_error():
 def test_world_size_note_for_small_data(n_gpus, n_train, note):
     from test_planner import PROFILES, gpus
 
-    from common.planner import plan
+    from common.training.planner import plan
     from jobs.finetune import world_size_note
 
     p = plan(PROFILES["whisper-base"], n_train=n_train, per_device_batch=1, resources=gpus(n_gpus))
@@ -167,7 +167,7 @@ def stub_plan(**values) -> SimpleNamespace:
     ],
 )
 def test_fast_path_decision(tmp_path, settings, values, fast, why):
-    from common.settings import load_settings
+    from common.core.settings import load_settings
     from jobs.finetune import FinetuneSettings, fast_path_decision
 
     s = load_settings(FinetuneSettings, {"artifacts": str(tmp_path), **settings})
@@ -197,9 +197,9 @@ TRAINER_FILES = ("trainable.safetensors", "trainer_state.json")
     ],
 )
 def test_resume_takes_only_its_own_kind_of_checkpoint(tmp_path, files, fast_path, resumes):
-    from common.settings import load_settings
-    from common.stage import StageContext
-    from common.store import open_store
+    from common.core.settings import load_settings
+    from common.core.stage import StageContext
+    from common.core.store import open_store
     from jobs.finetune import CHECKPOINTS, FinetuneSettings, checkpoint_to_resume, run_signature
 
     s = load_settings(FinetuneSettings, {"artifacts": str(tmp_path / "runs"), "run_id": "r"})

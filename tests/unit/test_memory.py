@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperForConditionalGeneration  # noqa: E402
 from transformers.models.whisper.modeling_whisper import WhisperEncoder  # noqa: E402
 
-from common.memory import (  # noqa: E402
+from common.training.memory import (  # noqa: E402
     GB,
     KIMI_HEADS,
     KIMI_HIDDEN,
@@ -261,7 +261,7 @@ H100_MEASURED = [  # shape, mode, checkpointing, batch, GB
 
 @pytest.mark.parametrize("shape, mode, checkpointing, batch, measured_gb", H100_MEASURED)
 def test_estimate_matches_h100_measurements(shape, mode, checkpointing, batch, measured_gb):
-    from common.memory import CUDA_CONTEXT_BYTES
+    from common.training.memory import CUDA_CONTEXT_BYTES
 
     p = profile_from_hf_config(whisper_config(shape), decoder_seq_len=64)
     lora = LoraSpec(targets=p.default_lora_targets) if mode == "lora" else None

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from common.train import interpolate_weights, merge_factors, part_of  # noqa: E402
+from common.training.train import interpolate_weights, merge_factors, part_of  # noqa: E402
 
 
 def tiny_whisper():
@@ -67,7 +67,7 @@ def test_interpolate_per_part(tmp_path, factors):
 
 
 def test_interpolate_needs_pretrained_safetensors(tmp_path):
-    from common.train import TrainError
+    from common.training.train import TrainError
 
     with pytest.raises(TrainError, match="safetensors"):
         interpolate_weights(tiny_whisper(), tmp_path, 0.5)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.metrics import (
+from common.core.metrics import (
     PredictionsError,
     aggregate,
     load_predictions,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.models import (
+from common.core.models import (
     ModelRef,
     ModelRefError,
     check_family,
@@ -15,8 +15,8 @@ from common.models import (
     folder_format,
     parse_model_ref,
 )
-from common.settings import SettingsError, load_settings
-from common.stage import StageFailed
+from common.core.settings import SettingsError, load_settings
+from common.core.stage import StageFailed
 from jobs.evaluate import EvaluateSettings, parse_model_arg
 from jobs.pretrained import PretrainedSettings
 

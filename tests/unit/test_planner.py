@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import WhisperConfig  # noqa: E402
 
-from common.memory import GB, GiB, kimi_audio_profile, profile_from_hf_config  # noqa: E402
-from common.planner import (  # noqa: E402
+from common.training.memory import GB, GiB, kimi_audio_profile, profile_from_hf_config  # noqa: E402
+from common.training.planner import (  # noqa: E402
     DECISIONS,
     Plan,
     PlanError,
@@ -285,7 +285,7 @@ def test_overrides_are_honoured_and_record_what_they_replaced():
 
 
 def test_forced_strategy_that_does_not_fit_is_kept_and_flagged(caplog):
-    with caplog.at_level(logging.WARNING, logger="common.planner"):
+    with caplog.at_level(logging.WARNING, logger="common.training.planner"):
         p = plan(PROFILES["kimi-10b"], n_train=9, per_device_batch=1, resources=gpus(1, 95 * GB, 125 * GB),
                  overrides={"mode": "full", "strategy": "zero3-offload-all"})
     assert (p.mode, p.strategy) == ("full", "zero3-offload-all")
@@ -457,7 +457,7 @@ def test_adapt_kwargs_renames_moved_arguments(accepted, expected, caplog):
     wanted = {"eval_strategy": "no", "use_cpu": True, "warmup_ratio": 0.1}
     if "gradient_checkpointing" in accepted:
         wanted["gradient_checkpointing"] = True
-    with caplog.at_level(logging.INFO, logger="common.planner"):
+    with caplog.at_level(logging.INFO, logger="common.training.planner"):
         out = adapt_kwargs(wanted, accepted)
     assert out == expected
     assert "no 'warmup_ratio'; dropped" in caplog.text
@@ -598,6 +598,6 @@ def test_detect_resources_on_this_machine_sees_no_gpu_and_real_ram():
 
 
 def test_deepspeed_config_is_none_without_zero():
-    from common.memory import STRATEGIES
+    from common.training.memory import STRATEGIES
 
     assert deepspeed_config(STRATEGIES["plain"], "bf16", PROFILES["tiny"]) is None

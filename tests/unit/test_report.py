@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from common import report
-from common.metrics import metrics_by_model_set, score_rows
-from common.report import write_report
+from common.core import report
+from common.core.metrics import metrics_by_model_set, score_rows
+from common.core.report import write_report
 
 TITLE = "Fine-tune check · 微调评估"
 EXTRA = {

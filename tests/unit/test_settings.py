@@ -11,7 +11,7 @@ import yaml
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import (
+from common.core.settings import (
     SettingsError,
     StageSettings,
     build_parser,
@@ -20,7 +20,7 @@ from common.settings import (
     parse_args,
     redacted,
 )
-from common.stage import run_stage, stage_main
+from common.core.stage import run_stage, stage_main
 
 SECRET = "s3cr3t-VALUE-never-shown"
 HF_SECRET = "hf_TOKEN-never-shown"

@@ -11,9 +11,9 @@ import pytest
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common import stage as stage_mod
-from common.settings import StageSettings, load_settings
-from common.stage import (
+from common.core import stage as stage_mod
+from common.core.settings import StageSettings, load_settings
+from common.core.stage import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_OK,
@@ -23,7 +23,7 @@ from common.stage import (
     run_stage,
     upstream_fingerprint,
 )
-from common.store import LocalStore, StoreError
+from common.core.store import LocalStore, StoreError
 
 
 class ExtractDemoSettings(StageSettings):

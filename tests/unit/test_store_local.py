@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common import store as store_mod
-from common.store import (
+from common.core import store as store_mod
+from common.core.store import (
     LocalStore,
     StoreError,
     atomic_path,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common import text
-from common.text import is_cjk_char, is_punctuation_only, normalize, normalize_words
+from common.core import text
+from common.core.text import is_cjk_char, is_punctuation_only, normalize, normalize_words
 
 NORMALIZE_CASES = [
     # (raw, normalized, why)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from common.whisper_data import (
+from common.families.whisper.data import (
     IGNORE_INDEX,
     N_FRAMES,
     FeatureSource,

@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.planner import Resources, plan
-from common.settings import environment
-from common.stage import StageFailed
-from common.train import (
+from common.training.planner import Resources, plan
+from common.core.settings import environment
+from common.core.stage import StageFailed
+from common.training.train import (
     CHECKPOINT_FILES,
     ModeSpec,
     TrainError,
@@ -52,7 +52,7 @@ STEP = 6
 def tiny_plan(gpus: int, **overrides):
     from transformers import WhisperConfig
 
-    from common.memory import profile_from_hf_config
+    from common.training.memory import profile_from_hf_config
 
     resources = Resources(gpus=gpus, gpu_mem_bytes=80 * GB if gpus else 0, host_ram_bytes=125 * GB, cpu_count=16,
                           bf16_supported=gpus > 0)

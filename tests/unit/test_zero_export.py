@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.zero_export import (
+from common.training.zero_export import (
     ZeroCheckpointError,
     _companion_files,
     consolidate_zero_checkpoint,

@@ -1,6 +1,6 @@
 """Mandarin demo data: graded HSK sentences spoken by eSpeak NG, in the seed's two-CSV layout.
 
-    from common.demo_data import generate_demo_data
+    from common.core.demo_data import generate_demo_data
     generate_demo_data(Path("demo_data"), n_train=240, n_test=40, seed=0)
 
 writes

@@ -1,6 +1,6 @@
 """Fine-tune planner: every automatic decision of the finetune stage, with its reason.
 
-`plan()` takes a model profile (common/memory.py), the data set sizes, what the user asked for and
+`plan()` takes a model profile (common/training/memory.py), the data set sizes, what the user asked for and
 the machine (`detect_resources()`), and returns a `Plan`: a list of decisions
 `{name, value, reason, overridden}`, the table of memory candidates it weighed, the DeepSpeed config
 (generated from the plan, never a static file), the training pod's resources and the estimates
@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from common.memory import (
+from common.training.memory import (
     FP32,
     GB,
     HALF,

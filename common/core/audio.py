@@ -35,7 +35,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from common.store import atomic_path
+from common.core.store import atomic_path
 
 log = logging.getLogger(__name__)
 

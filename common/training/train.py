@@ -507,7 +507,7 @@ def trainee_from_zero_checkpoint(checkpoint: Path, pretrained_dir: Path, spec: M
     import torch
     from transformers import WhisperForConditionalGeneration
 
-    from common.zero_export import zero_fp32_weights
+    from common.training.zero_export import zero_fp32_weights
 
     _leave_zero3_init()
     model = WhisperForConditionalGeneration.from_pretrained(str(pretrained_dir), torch_dtype=torch.float32)

@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from common.ct2_whisper import SAMPLE_RATE  # light (numpy only): the engines run where soundfile is absent
+from common.families.whisper.ct2 import SAMPLE_RATE  # light (numpy only): the engines run where soundfile is absent
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def features(fe: Any, audios: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def prompt_ids(tokenizer: Any, options: DecodeOptions) -> list[int]:
-    from common.ct2_whisper import prompt_token_ids
+    from common.families.whisper.ct2 import prompt_token_ids
 
     return prompt_token_ids(tokenizer, options.prompt)
 
@@ -254,7 +254,7 @@ def transcribe_utterances(
 ) -> list[dict[str, Any]]:
     """Transcribe ``utterances`` in batches; rows ``{id, reference, hypothesis, duration, decode_seconds}``
     in the input order. An audio file that cannot be read gives a row with ``error`` (and no hypothesis)."""
-    from common.audio import AudioProblem, load_audio
+    from common.core.audio import AudioProblem, load_audio
 
     rows: dict[str, dict[str, Any]] = {}
     for batch in _batches(utterances, batch_size):

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from common.settings import COMMON_FIELDS, ENV_PREFIX, STAGES, SettingsError, load_yaml, yaml_section
+from common.core.settings import COMMON_FIELDS, ENV_PREFIX, STAGES, SettingsError, load_yaml, yaml_section
 
 STEPS = ("demo-data", *STAGES)  # demo-data only when the file has that section
 DEMO_CONFIG = "demo.yaml"  # packaged with jobs/run

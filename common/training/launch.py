@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from common.settings import environment
+from common.core.settings import environment
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def backend_for(device: str) -> str:
 
 def setup_worker_logging(level: str = "INFO", env: Mapping[str, str] | None = None) -> None:
     """The stage's console logging, each line marked with this worker's rank ("[rank 1/2]")."""
-    from common.stage import setup_logging
+    from common.core.stage import setup_logging
 
     setup_logging(level)
     tag = f"[rank {worker_rank(env)}/{worker_world_size(env)}]"

@@ -25,7 +25,7 @@ Reason codes (``rejected.jsonl`` → ``reason``; stable, scripts may rely on the
 | `non_finite_samples`         | a sample is NaN or ±inf                                                       |
 | `too_short`                  | shorter than `--min-seconds` (0.1 s)                                          |
 | `too_long`                   | longer than `--max-seconds` (30 s, Whisper's window)                          |
-| `silent`                     | digital silence (peak < -80 dBFS), see ``common.audio.SILENCE_PEAK``          |
+| `silent`                     | digital silence (peak < -80 dBFS), see ``common.core.audio.SILENCE_PEAK``          |
 | `text_too_long_for_duration` | more characters than `5 + 15 × seconds` could be spoken in the clip           |
 | `duplicate_audio`            | byte-identical to the audio of an earlier kept row (train/test leakage)       |
 
@@ -64,8 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common.settings import S3Settings
-from common.text import is_punctuation_only, normalize_words
+from common.core.settings import S3Settings
+from common.core.text import is_punctuation_only, normalize_words
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +426,7 @@ class S3AudioDir:
     """An audio folder at ``s3://bucket/prefix``; listed once, then looked up in memory."""
 
     def __init__(self, uri: str, s3: S3Settings | None):
-        from common.store import S3Store
+        from common.core.store import S3Store
 
         self.store = S3Store(uri, s3)
         self.uri = self.store.uri
@@ -479,7 +479,7 @@ def open_audio_dir(uri: str, s3: S3Settings | None = None) -> LocalAudioDir | S3
 def read_input_bytes(uri: str, s3: S3Settings | None = None, what: str = "file") -> bytes:
     """Bytes of a local file or an ``s3://`` object; DatasetError saying what was expected when absent."""
     if uri.startswith("s3://"):
-        from common.store import S3Store, StoreError, split_uri
+        from common.core.store import S3Store, StoreError, split_uri
 
         bucket, key = split_uri(uri)
         try:

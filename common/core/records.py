@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from common.store import atomic_write_bytes
+from common.core.store import atomic_write_bytes
 
 PROMPT_ZH = "请把这段语音转录成文本。"  # the Kimi-Audio evaluation kit's Chinese ASR prompt; train and test alike
 

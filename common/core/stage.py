@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.settings import StageSettings, fingerprint_fields, redacted
-from common.store import Store, StoreError, atomic_write_bytes, open_store, sha256_file
+from common.core.settings import StageSettings, fingerprint_fields, redacted
+from common.core.store import Store, StoreError, atomic_write_bytes, open_store, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def fail(stage: str, message: str, code: int) -> int:
 
 def stage_main(cls: type[StageSettings], argv: list[str] | None, doc: str, examples: str = ""):
     """Parse flags/env/YAML into settings; on bad settings print every problem and return None (exit 2)."""
-    from common.settings import SettingsError, parse_args, stage_name
+    from common.core.settings import SettingsError, parse_args, stage_name
 
     name = stage_name(cls)
     title, _, rest = (doc or "").strip().partition("\n")

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-# common.records / common.store / common.audio are imported where used: training code (datasets, collator,
+# common.core.records / common.core.store / common.core.audio are imported where used: training code (datasets, collator,
 # targets) then runs on a bare GPU image with torch + transformers only.
 
 
@@ -89,8 +89,8 @@ def log_mel(samples: np.ndarray, fe) -> np.ndarray:
 
 
 def clip_samples(rec: dict, run_dir: Path) -> np.ndarray:
-    from common.audio import load_audio  # soundfile: only needed when features come from audio
-    from common.records import audio_location
+    from common.core.audio import load_audio  # soundfile: only needed when features come from audio
+    from common.core.records import audio_location
 
     where = audio_location(rec, run_dir)
     try:
@@ -134,7 +134,7 @@ def write_feature_cache(
 ) -> list[dict]:
     """Compute each record's log-mel once into float16 shards under out_dir/features/; return the records
     with ``"features": {"shard", "row"}`` added (paths relative to out_dir)."""
-    from common.store import atomic_path
+    from common.core.store import atomic_path
 
     n_mels = fe.feature_size
     out_records: list[dict] = []
@@ -152,7 +152,7 @@ def write_feature_cache(
 
 
 def write_features_meta(out_dir: Path, fe, extra: dict[str, Any]) -> None:
-    from common.store import atomic_write_bytes
+    from common.core.store import atomic_write_bytes
 
     meta = {"feature_extractor": feature_params(fe), "dtype": np.dtype(CACHE_DTYPE).name, **extra}
     atomic_write_bytes(out_dir / FEATURES_META, json.dumps(meta, indent=2, ensure_ascii=False).encode())
@@ -260,7 +260,7 @@ class Example:
 
 def make_examples(records: Iterable[dict], tokenizer, prompt: Sequence[int]) -> tuple[list[Example], list[dict]]:
     """Tokenize transcripts; records whose tokens do not fit the decoder are returned as rejected."""
-    from common.records import transcript
+    from common.core.records import transcript
 
     eot, limit = eot_id(tokenizer), max_text_tokens(len(prompt))
     examples, rejected = [], []
@@ -277,7 +277,7 @@ class WhisperDataset:
     """Map-style dataset of {"input_features" | "encoder_hidden", "decoder_input_ids", "labels"}.
 
     ``inputs(i)`` gives the encoder-side tensor of example i: a log-mel (float32 n_mels x frames) from a
-    FeatureSource, or the cached output of the frozen bottom of the encoder (see common.train)."""
+    FeatureSource, or the cached output of the frozen bottom of the encoder (see common.training.train)."""
 
     def __init__(self, examples: Sequence[Example], inputs, input_key: str = "input_features"):
         self.examples = list(examples)

@@ -7,7 +7,7 @@ regional ``torch.compile``, and a DataLoader that keeps the GPU busy.
     # afterwards ``trainee`` holds the fp32 master weights again (fp32 tensors): save it as usual
 
 ``trainee`` is any module whose ``forward(**batch)`` returns the loss (``out["loss"]`` or ``out.loss``), e.g.
-``common.train.make_trainee(...)`` (loss on the label tokens only: the collator sets prompt positions to -100).
+``common.training.train.make_trainee(...)`` (loss on the label tokens only: the collator sets prompt positions to -100).
 
 Precision (``FastOptions.precision``):
 
@@ -115,7 +115,7 @@ class FastOptions:
 
 
 def hf_model_of(trainee: Any) -> Any:
-    """The Hugging Face model inside ``trainee`` (common.train's trainee exposes it as ``.model``)."""
+    """The Hugging Face model inside ``trainee`` (common.training.train's trainee exposes it as ``.model``)."""
     inner = getattr(trainee, "model", None)
     return inner if hasattr(inner, "save_pretrained") else trainee
 
@@ -289,7 +289,7 @@ def _trainable(trainee: Any, hf: Any) -> list[tuple[str, Any]]:
             out.append((names[id(p)], p))
     if foreign:
         raise FastTrainError(f"trainable tensors outside the Hugging Face model: {foreign[:3]}; use the Trainer "
-                             "path (common.train.make_trainer) for LoRA")
+                             "path (common.training.train.make_trainer) for LoRA")
     return out
 
 

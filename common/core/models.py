@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from common.settings import S3Settings
-from common.stage import StageFailed, cache_dir
-from common.store import sha256_file
+from common.core.settings import S3Settings
+from common.core.stage import StageFailed, cache_dir
+from common.core.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def ref_fingerprint(ref: ModelRef) -> dict[str, Any]:
     local folder's file listing, or the reference itself (hub: a revision pins it; S3: the URI)."""
     out: dict[str, Any] = {"ref": ref.raw}
     if ref.kind == "bundled":
-        from common.ct2_whisper import BUNDLED_PARTS
+        from common.families.whisper.ct2 import BUNDLED_PARTS
 
         out["packages"] = {dist: _dist_version(dist) for dist, _, _ in BUNDLED_PARTS}
     elif ref.kind == "path" and Path(ref.location).expanduser().is_dir():
@@ -303,7 +303,7 @@ def _fetch_hub(ref: ModelRef) -> tuple[Path, dict[str, Any]]:
 
 
 def _fetch_s3(ref: ModelRef, s3: S3Settings | None) -> tuple[Path, dict[str, Any]]:
-    from common.store import StoreError, open_store
+    from common.core.store import StoreError, open_store
 
     bucket_uri, _, prefix = ref.location[len("s3://"):].partition("/")
     dest = cache_dir() / "models" / "s3" / hashlib.sha256(ref.location.encode()).hexdigest()[:16]
@@ -320,7 +320,7 @@ def _fetch_s3(ref: ModelRef, s3: S3Settings | None) -> tuple[Path, dict[str, Any
 
 
 def _fetch_bundled(ref: ModelRef) -> tuple[Path, dict[str, Any]]:
-    from common.ct2_whisper import BUNDLED_PARTS, bundled_whisper_base_ct2_dir
+    from common.families.whisper.ct2 import BUNDLED_PARTS, bundled_whisper_base_ct2_dir
 
     try:
         folder = bundled_whisper_base_ct2_dir()
@@ -432,8 +432,8 @@ def validate_hf_folder(folder: Path) -> dict[str, Any]:
 
 
 def convert_ct2_to_hf(ct2_dir: Path, out_dir: Path) -> Path:
-    """:func:`common.ct2_whisper.convert_ct2_whisper_to_hf` with its errors as StageFailed."""
-    from common import ct2_whisper
+    """:func:`common.families.whisper.ct2.convert_ct2_whisper_to_hf` with its errors as StageFailed."""
+    from common.families.whisper import ct2 as ct2_whisper
 
     try:
         return ct2_whisper.convert_ct2_whisper_to_hf(ct2_dir, out_dir)
@@ -452,11 +452,11 @@ def resolve_model_ref(ref: ModelRef | str, dest: Path, s3: S3Settings | None = N
     """Materialize ``ref`` as a Hugging Face Whisper folder at ``dest`` and return its provenance.
 
     CTranslate2 folders (the bundled model, faster-whisper models) are converted with
-    :func:`common.ct2_whisper.convert_ct2_whisper_to_hf`; Hugging Face folders are copied (or re-saved when
+    :func:`common.families.whisper.ct2.convert_ct2_whisper_to_hf`; Hugging Face folders are copied (or re-saved when
     they lack safetensors or the processor files). The result is checked to load before it is published
     (one rename), so ``dest`` never holds half a model.
     """
-    from common import ct2_whisper
+    from common.families.whisper import ct2 as ct2_whisper
 
     ref = parse_model_ref(ref) if isinstance(ref, str) else ref
     source, facts = fetch_model(ref, s3)
@@ -475,7 +475,7 @@ def resolve_model_ref(ref: ModelRef | str, dest: Path, s3: S3Settings | None = N
                 shutil.copytree(converted, tmp)
             else:
                 convert_ct2_to_hf(source, tmp)
-            conversion = f"CTranslate2 → Hugging Face (common.ct2_whisper, revision {ct2_whisper.HF_CONVERSION_REVISION})"
+            conversion = f"CTranslate2 → Hugging Face (common.families.whisper.ct2, revision {ct2_whisper.HF_CONVERSION_REVISION})"
         else:
             source_weights = None
             conversion = copy_hf_folder(source, tmp)

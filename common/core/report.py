@@ -39,8 +39,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 
-from common.metrics import with_errors
-from common.store import atomic_write_bytes
+from common.core.metrics import with_errors
+from common.core.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``report.md`` and ``report.html`` into ``out_dir`` (each atomically).
 
-    ``metrics`` is :func:`common.metrics.score_predictions`'s ``{model: {set: {...}}}``;
-    ``scored_rows`` are the prediction rows (scored by :func:`common.metrics.score_rows`, or
+    ``metrics`` is :func:`common.core.metrics.score_predictions`'s ``{model: {set: {...}}}``;
+    ``scored_rows`` are the prediction rows (scored by :func:`common.core.metrics.score_rows`, or
     raw rows that are scored here). ``extra`` adds sections after the results: ``{heading:
     value}`` where value is a string (a paragraph), a mapping (a key/value table) or a list of
     mappings (a table). Returns ``{"metrics.json": path, "report.md": path, "report.html": path}``.

@@ -5,7 +5,7 @@
 
 The project (``compose_project``) has one service per step running ``asr-ft <step>`` in the asr-ft image with
 the environment every executor gives a step (``common_env(secrets=False)`` + ``section_env``, see
-common/pipeline.py), plus the paths a read-only root filesystem needs. Services run as uid 10001 with a
+common/executors/pipeline.py), plus the paths a read-only root filesystem needs. Services run as uid 10001 with a
 read-only root filesystem and a tmpfs ``/tmp``; they share one volume at ``/artifacts`` (``ASRFT_ARTIFACTS``
 unless the pipeline's artifacts are ``s3://``), which is also their working directory, so relative data paths
 of the pipeline file resolve inside the volume. Each service ``depends_on`` the previous one with
@@ -41,13 +41,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, field_validator
 
-from common.pipeline import common_env, load_pipeline, section_env
-from common.settings import ENV_PREFIX
-from common.stage import EXIT_BAD_INPUT, EXIT_OK, code_version
+from common.executors.pipeline import common_env, load_pipeline, section_env
+from common.core.settings import ENV_PREFIX
+from common.core.stage import EXIT_BAD_INPUT, EXIT_OK, code_version
 
 log = logging.getLogger(__name__)
 
-# The contract shared with common/k8s.py and the images (tests/unit/test_compose.py checks they agree).
+# The contract shared with common/executors/k8s.py and the images (tests/unit/test_compose.py checks they agree).
 IMAGE_REPO = "ghcr.io/asr-ft/asr-ft"  # CPU image <repo>:<version>; CUDA image <repo>:<version>-cuda
 UID = GID = 10001  # the images' fixed non-root user
 MOUNT_PATH = "/artifacts"  # the artifacts volume; ASRFT_ARTIFACTS and the working directory

@@ -1,6 +1,6 @@
 """Scoring of ASR predictions: CER, WER, exact match, similarity, real-time factor.
 
-Every comparison runs on normalized text (:mod:`common.text`); the edit counts come from jiwer.
+Every comparison runs on normalized text (:mod:`common.core.text`); the edit counts come from jiwer.
 
 Definitions (per utterance, then per group of utterances):
 
@@ -13,7 +13,7 @@ Definitions (per utterance, then per group of utterances):
   is 0.0 when the hypothesis is empty too and 1.0 otherwise, so that it stays finite in plots
   and rankings. Its insertions still count in the group's total edits. A group whose
   references hold no character at all has CER ``None`` (undefined).
-- **WER** (词错率) uses the mixed-error-rate tokens of :func:`common.text.normalize_words`:
+- **WER** (词错率) uses the mixed-error-rate tokens of :func:`common.core.text.normalize_words`:
   each CJK character is a token, each Latin/digit run is a word. On purely Chinese text that
   would repeat the CER, so a group's WER is reported only *where words exist*: when at least
   one reference in the group contains a Latin/digit word token. Otherwise it is ``None``.
@@ -36,7 +36,7 @@ from typing import Any
 
 import jiwer
 
-from common.text import is_cjk_char, normalize, normalize_words
+from common.core.text import is_cjk_char, normalize, normalize_words
 
 log = logging.getLogger(__name__)
 

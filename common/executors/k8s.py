@@ -3,7 +3,7 @@
     asr-ft run --config pipeline.yaml --executor k8s [--namespace NS] [--dry-run]
 
 Each step runs ``asr-ft <step>`` in its own Job with the same environment contract as every other executor
-(``common_env(secrets=False)`` + ``section_env``; see common/pipeline.py). S3 credentials reach the pods only
+(``common_env(secrets=False)`` + ``section_env``; see common/executors/pipeline.py). S3 credentials reach the pods only
 through a Secret (``envFrom``), never as literal values. The artifacts live on a PersistentVolumeClaim mounted
 at ``/artifacts`` (then ``ASRFT_ARTIFACTS=/artifacts``) or in S3.
 
@@ -44,10 +44,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from common.pipeline import common_env, env_value, section_env, yaml_section
-from common.settings import ENV_PREFIX, SettingsError
-from common.stage import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, MANIFEST, code_version
-from common.store import LocalStore, Store, StoreError, open_store
+from common.executors.pipeline import common_env, env_value, section_env, yaml_section
+from common.core.settings import ENV_PREFIX, SettingsError
+from common.core.stage import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, MANIFEST, code_version
+from common.core.store import LocalStore, Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ UID = GID = 10001  # the images' fixed non-root user (images/ builds it with thi
 TMP_PATH = "/tmp"  # the only writable path besides the artifacts: the root filesystem is read-only
 CACHE_PATH = f"{TMP_PATH}/asr-ft-cache"  # ASRFT_CACHE: model conversions, S3 staging (lives as long as the pod)
 SHM_PATH = "/dev/shm"
-TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # common/stage.py writes a failed stage's reason here
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # common/core/stage.py writes a failed stage's reason here
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 TAIL_LINES = 25  # log lines of a failed step shown again
 GPU_STAGES = ("finetune",)  # steps whose Job gets GPUs, the CUDA image and the plan's memory
@@ -256,7 +256,7 @@ FINETUNE_TO_PLAN = {"batch": "per_device_batch"}  # finetune setting → planner
 
 def finetune_resources(pipeline: dict[str, Any], common: dict[str, Any], k8s: K8sSettings,
                        store: Store | None) -> PodResources:
-    """Run the fine-tune planner (common/planner.py) in-process for the training pod. Model shape: the
+    """Run the fine-tune planner (common/training/planner.py) in-process for the training pod. Model shape: the
     pretrained model's config.json in the store when there, else the pipeline's model reference; training set
     size: prepare's stats.json when there, else DEFAULT_N_TRAIN; the node: k8s.gpus, gpu_memory_gb,
     gpu_node_memory_gb, gpu_node_cpus. k8s.memory/cpu for finetune replace the plan's numbers."""
@@ -282,7 +282,7 @@ def finetune_resources(pipeline: dict[str, Any], common: dict[str, Any], k8s: K8
 
 def model_profile(model_ref: str, model_config: dict[str, Any] | None) -> tuple[Any, str]:
     """The planner's model profile and where its shape came from."""
-    from common import memory
+    from common.training import memory
 
     if model_config:
         return memory.profile_from_hf_config(model_config, name=model_ref), "shape from pretrained/model/config.json"
@@ -302,7 +302,7 @@ def _plan_resources(model_ref: str, model_config: dict[str, Any] | None, n_train
                     finetune: dict[str, Any], k8s: K8sSettings) -> PodResources:
     import inspect
 
-    from common import planner
+    from common.training import planner
 
     profile, shape_note = model_profile(model_ref, model_config)
     gpus = 0 if finetune.get("device") == "cpu" else k8s.gpus
@@ -416,7 +416,7 @@ def build_job(step: str, pipeline: dict[str, Any], common: dict[str, Any], k8s: 
         "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
         "resources": container_resources,
         "securityContext": json.loads(json.dumps(CONTAINER_SECURITY_CONTEXT)),
-        "terminationMessagePath": TERMINATION_MESSAGE_PATH,  # common/stage.py writes why a step failed here
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,  # common/core/stage.py writes why a step failed here
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "tmp", "mountPath": TMP_PATH}],
     }
@@ -491,7 +491,7 @@ def orchestrator_store(common: dict[str, Any], k8s: K8sSettings) -> tuple[Store 
     artifacts = str(common.get("artifacts") or "")
     try:
         if artifacts.startswith("s3://"):
-            from common.settings import S3Settings
+            from common.core.settings import S3Settings
 
             s3 = common.get("s3") or {}
             return open_store(artifacts, s3 if isinstance(s3, S3Settings) else S3Settings(**s3)), artifacts
