@@ -54,9 +54,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.training.memory import (  # noqa: E402
-    CUDA_CONTEXT_BYTES,
-    GB,
+from common.families.kimi_audio.profile import (  # noqa: E402
     KIMI_AUDIO_TOKENS,
     KIMI_HEADS,
     KIMI_HIDDEN,
@@ -66,11 +64,12 @@ from common.training.memory import (  # noqa: E402
     KIMI_LLM_SEQ,
     KIMI_STACK_FRAMES,
     KIMI_VOCAB,
-    WHISPER_ENCODER_FRAMES,
     WHISPER_LARGE_V3,
-    WHISPER_MEL_FRAMES,
     kimi_audio_profile,
 )
+from common.families.whisper.conventions import ENCODER_FRAMES as WHISPER_ENCODER_FRAMES  # noqa: E402
+from common.families.whisper.conventions import N_FRAMES as WHISPER_MEL_FRAMES  # noqa: E402
+from common.training.memory import CUDA_CONTEXT_BYTES, GB  # noqa: E402
 
 log = logging.getLogger("bench.h100_10b_planner")
 
@@ -81,7 +80,7 @@ CGROUP_HEADROOM_BYTES = 5 * GB  # cgroup memory.max = cap + this: the hard backs
 RSS_SAMPLE_EVERY_S = 2.0  # host RSS time series kept in the JSON
 MIN_SEED_STEPS = 2  # the seed configuration "ran" if it completed this many optimizer steps
 SEED_CANDIDATE = "full/zero3-offload-all+ckpt"  # the planner's row for the seed's recipe
-LORA_DROPOUT = 0.05  # what common/training/train.py uses
+LORA_DROPOUT = 0.05  # what the whisper family's trainee uses
 TEXT_TOKENS = KIMI_LLM_SEQ - KIMI_AUDIO_TOKENS  # 512 - 375 = 137 prompt + transcript tokens
 AUDIO_SECONDS = WHISPER_MEL_FRAMES // 100  # 10 ms hop  # 30
 

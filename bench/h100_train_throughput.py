@@ -16,7 +16,7 @@ Chinese sentence; the decoder reads 44 positions with the prompt).
     window and are switched off (they would need an evaluation set).
 (b) ``asrft``: ``common.training.fast_train.train_fast`` with the plan ``common.training.planner.plan`` makes for this model on
     this GPU (as the finetune stage calls it: mode auto, 2000 training clips, fp32 load dtype), through the
-    stage's own trainee (``common.training.train.make_trainee``) and collator (``WhisperCollator``), default options.
+    stage's own trainee (``common.families.whisper.trainee.make_trainee``) and collator (``WhisperCollator``), default options.
     Further fast-path variants are timed for the record: eager (what ``compile="auto"`` runs for plans shorter
     than ``COMPILE_MIN_STEPS``), ``master-compiled-sync`` (``host_positions=False``: transformers' decoder then
     syncs host and GPU once per micro-batch), encoder-only compilation, autocast, accumulation 1.
@@ -181,7 +181,7 @@ def environment() -> dict[str, Any]:
 
 
 def make_the_plan(results_dir: Path) -> Any:
-    from common.training.memory import profile_from_hf_config
+    from common.families.whisper.profile import profile_from_hf_config
     from common.training.planner import detect_resources, plan
 
     profile = profile_from_hf_config(whisper_config(), decoder_seq_len=DECODER_LEN)
@@ -275,9 +275,9 @@ def run_fast(the_plan: Any, name: str, warmup: int, steps: int, profile_steps: i
              trace: str | None = None) -> dict[str, Any]:
     import torch
 
-    from common.training.fast_train import TIMING_WARMUP_STEPS, FastOptions, train_fast
-    from common.training.train import ModeSpec, make_trainee
     from common.families.whisper.data import WhisperCollator
+    from common.families.whisper.trainee import ModeSpec, make_trainee
+    from common.training.fast_train import TIMING_WARMUP_STEPS, FastOptions, train_fast
 
     fields, plan_overrides, reset = VARIANTS[name]
     assert warmup == TIMING_WARMUP_STEPS
@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from common.training.fast_train import TIMING_WARMUP_STEPS, train_flops_per_sample
+    from common.families.whisper.profile import train_flops_per_sample
+    from common.training.fast_train import TIMING_WARMUP_STEPS
 
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)

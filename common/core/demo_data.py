@@ -55,9 +55,10 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
+from common.core.audio import SAMPLE_RATE  # espeak-ng itself writes 22050 Hz
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000  # what every stage expects; espeak-ng itself writes 22050 Hz
 ESPEAK = "espeak-ng"
 VOICE = "cmn-latn-pinyin"  # NOT "cmn": that voice reads the tone digits as English words
 INSTALL_HINT = "install it with `apt-get install -y espeak-ng` (Debian/Ubuntu) or `make setup`"

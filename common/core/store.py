@@ -13,13 +13,11 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from common.core.files import atomic_dir, atomic_path, atomic_write_bytes, publish_dir  # noqa: F401 (re-exported)
 from common.core.settings import S3Settings
 
 log = logging.getLogger(__name__)
@@ -44,72 +42,6 @@ def _check_key(key: str) -> str:
     if not key or key.startswith("/") or ".." in parts:
         raise StoreError(f"invalid artifact key {key!r}: expected a relative path without '..'")
     return str(PurePosixPath(*parts))
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file.
-    The file gets the permissions open() would give it (mkstemp's are 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; rename it into place if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``path``; when the block succeeds it replaces ``path`` in one step
-    (``publish_dir``), when it fails it is removed: ``path`` never holds half a folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        publish_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def publish_dir(tmp: Path, path: Path) -> None:
-    """Put the finished folder ``tmp`` at ``path`` (same file system). An existing ``path`` is first renamed
-    aside and deleted after the swap, so a reader finds the old folder or the new one, never a mix."""
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-        os.replace(path, old / path.name)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class Store:

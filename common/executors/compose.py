@@ -41,9 +41,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, field_validator
 
-from common.executors.pipeline import common_env, load_pipeline, section_env
 from common.core.settings import ENV_PREFIX
 from common.core.stage import EXIT_BAD_INPUT, EXIT_OK, code_version
+from common.executors.pipeline import common_env, load_pipeline, section_env
 
 log = logging.getLogger(__name__)
 

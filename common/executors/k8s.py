@@ -44,10 +44,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from common.executors.pipeline import common_env, env_value, section_env, yaml_section
 from common.core.settings import ENV_PREFIX, SettingsError
-from common.core.stage import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, MANIFEST, code_version
+from common.core.stage import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, MANIFEST, StageFailed, code_version
 from common.core.store import LocalStore, Store, StoreError, open_store
+from common.executors.pipeline import common_env, env_value, section_env, yaml_section
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,6 @@ DEFAULT_MEMORY = {"demo-data": "2Gi", "prepare": "2Gi", "extract": "4Gi", "pretr
                   "export": "4Gi", "evaluate": "6Gi"}
 DEFAULT_GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # set by NVIDIA GPU feature discovery
 DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-DEFAULT_N_TRAIN = 1000  # training utterances assumed for the plan when prepare's stats.json cannot be read
-DEFAULT_MODEL_REF = "bundled:whisper-base"
 
 _QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
 _STEPS = tuple(DEFAULT_CPU)
@@ -232,122 +230,55 @@ class PodResources:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     source: str = ""  # the plan's inputs and choice, for the Job's asr-ft/resources annotation
+    setup: dict[str, Any] = field(default_factory=dict)  # the training setup the plan chose (mode, strategy, …)
 
 
-# Whisper shapes (the Hugging Face config keys the planner reads), for planning before `pretrained` has run.
-_WHISPER = {"model_type": "whisper", "vocab_size": 51865, "num_mel_bins": 80, "max_source_positions": 1500,
-            "max_target_positions": 448}
-WHISPER_SHAPES: dict[str, dict[str, Any]] = {  # name → d_model, layers, heads, FFN width
-    name: {**_WHISPER, "d_model": d, "encoder_layers": enc, "decoder_layers": dec, "encoder_attention_heads": h,
-           "decoder_attention_heads": h, "encoder_ffn_dim": 4 * d, "decoder_ffn_dim": 4 * d, **extra}
-    for name, (d, enc, dec, h, extra) in {
-        "tiny": (384, 4, 4, 6, {}),
-        "base": (512, 6, 6, 8, {}),
-        "small": (768, 12, 12, 12, {}),
-        "medium": (1024, 24, 24, 16, {}),
-        "large": (1280, 32, 32, 20, {}),  # large, large-v2
-        "large-v3": (1280, 32, 32, 20, {"vocab_size": 51866, "num_mel_bins": 128}),
-        "large-v3-turbo": (1280, 32, 4, 20, {"vocab_size": 51866, "num_mel_bins": 128}),
-    }.items()
-}
-UNKNOWN_SHAPE = "large-v3"  # a reference that names no size is planned as the largest Whisper (memory to spare)
-FINETUNE_TO_PLAN = {"batch": "per_device_batch"}  # finetune setting → planner.plan() argument, where they differ
+GPU_STAGE_RESOURCES = "jobs.finetune.plan:pod_from_store"  # the stage that plans its own pod
+
+
+def training_node(k8s: K8sSettings, finetune: dict[str, Any]) -> dict[str, Any]:
+    """One training node as k8s describes it (the plan's machine; nothing is detected on this machine)."""
+    gpus = 0 if finetune.get("device") == "cpu" else k8s.gpus
+    return {"gpus": gpus, "gpu_mem_bytes": int(k8s.gpu_memory_gb * 1e9) if gpus else 0,
+            "host_ram_bytes": int(k8s.gpu_node_memory_gb * 1e9), "cpu_count": k8s.gpu_node_cpus,
+            "gpu_name": k8s.gpu_product or "", "bf16_supported": gpus > 0}
 
 
 def finetune_resources(pipeline: dict[str, Any], common: dict[str, Any], k8s: K8sSettings,
                        store: Store | None) -> PodResources:
-    """Run the fine-tune planner (common/training/planner.py) in-process for the training pod. Model shape: the
-    pretrained model's config.json in the store when there, else the pipeline's model reference; training set
-    size: prepare's stats.json when there, else DEFAULT_N_TRAIN; the node: k8s.gpus, gpu_memory_gb,
-    gpu_node_memory_gb, gpu_node_cpus. k8s.memory/cpu for finetune replace the plan's numbers."""
-    run_id = common["run_id"]
-    model_ref = str(yaml_section(pipeline, "pretrained").get("model") or DEFAULT_MODEL_REF)
-    model_config = _read_store_json(store, run_id, "pretrained", "model/config.json")
-    n_train = _n_train(_read_store_json(store, run_id, "prepare", "stats.json") or {})
-    n_note = f"{n_train} train utterances (prepare/stats.json)" if n_train else \
-        f"{DEFAULT_N_TRAIN} train utterances assumed (prepare/stats.json not readable here)"
+    """The training pod's resources from the plan the pod itself will make: the finetune stage plans it
+    (``GPU_STAGE_RESOURCES``) from the environment the pod gets, the run's pretrained config and extract's data
+    facts in the store, on the node k8s.gpus / gpu_memory_gb / gpu_node_memory_gb / gpu_node_cpus describes.
+    Before those outputs exist (a dry run ahead of the run) the Job gets the default resources, and says so.
+    k8s.memory / k8s.cpu for finetune replace the plan's numbers."""
+    import importlib
+
+    module, _, function = GPU_STAGE_RESOURCES.partition(":")
+    pod_from_store = getattr(importlib.import_module(module), function)
     finetune = {k: v for k, v in yaml_section(pipeline, "finetune").items() if k not in common}
+    node = training_node(k8s, finetune)
     try:
-        res = _plan_resources(model_ref, model_config, n_train or DEFAULT_N_TRAIN, finetune, k8s)
-    except (ImportError, ValueError, TypeError) as e:  # PlanError is a ValueError; the pod re-plans and says why
-        log.warning("the fine-tune planner gave no plan (%s); the finetune Job gets default resources", e)
-        res = PodResources(k8s.gpus, DEFAULT_MEMORY["finetune"], DEFAULT_MEMORY["finetune"], "2Gi",
-                           source=f"defaults, the planner gave no plan: {e}")
+        pod, setup, note = pod_from_store(step_env("finetune", pipeline, common, k8s), store, common["run_id"], node)
+    except StageFailed as e:  # no setup fits, invalid settings: the pod re-plans and fails with the same reason
+        pod, setup, note = None, {}, f"the planner gave no plan: {e}"
+    if pod is None:
+        log.warning("finetune Job: default resources (%s); the pod plans for itself when it starts", note)
+        res = PodResources(node["gpus"], DEFAULT_MEMORY["finetune"], DEFAULT_MEMORY["finetune"], "2Gi",
+                           source=f"defaults, {note}")
+    else:
+        log.info("finetune Job: %d GPU, memory %s/%s, /dev/shm %s from the plan (%s, %s, batch %d)", pod.gpus,
+                 pod.memory_request, pod.memory_limit, pod.shm_size, setup["mode"], setup["strategy"],
+                 setup["per_device_batch"])
+        source = (f"{note}: {setup['mode']}, {setup['strategy']}, batch {setup['per_device_batch']} on a node of "
+                  f"{node['gpus']} x {k8s.gpu_memory_gb:g} GB GPU, {k8s.gpu_node_memory_gb:g} GB RAM, "
+                  f"{k8s.gpu_node_cpus} CPUs")
+        res = PodResources(pod.gpus, pod.memory_request, pod.memory_limit, pod.shm_size, str(pod.cpu),
+                           dict(pod.node_selector), [dict(t) for t in pod.tolerations], source, setup)
     memory, cpu = k8s.memory.get("finetune"), k8s.cpu.get("finetune")
-    source = f"{res.source}; {n_note}" + (f"; memory set by k8s.memory.finetune={memory}" if memory else "") \
+    source = res.source + (f"; memory set by k8s.memory.finetune={memory}" if memory else "") \
         + (f"; cpu set by k8s.cpu.finetune={cpu}" if cpu else "")
     return PodResources(res.gpus, memory or res.memory_request, memory or res.memory_limit, res.shm_size,
-                        cpu or res.cpu, res.node_selector, res.tolerations, source)
-
-
-def model_profile(model_ref: str, model_config: dict[str, Any] | None) -> tuple[Any, str]:
-    """The planner's model profile and where its shape came from."""
-    from common.training import memory
-
-    if model_config:
-        return memory.profile_from_hf_config(model_config, name=model_ref), "shape from pretrained/model/config.json"
-    name = model_ref.rstrip("/").rsplit("/", 1)[-1].split("@")[0].lower()
-    if "kimi" in name:
-        return memory.kimi_audio_profile(), f"Kimi-Audio shape ({model_ref})"
-    size = next((s for s in sorted(WHISPER_SHAPES, key=len, reverse=True) if s in name), None)
-    if size is None:
-        size = UNKNOWN_SHAPE
-        note = f"{model_ref} names no Whisper size: planned as whisper-{size} (run `pretrained` first for its shape)"
-    else:
-        note = f"whisper-{size} shape from the reference {model_ref}"
-    return memory.profile_from_hf_config(WHISPER_SHAPES[size], name=f"whisper-{size}"), note
-
-
-def _plan_resources(model_ref: str, model_config: dict[str, Any] | None, n_train: int,
-                    finetune: dict[str, Any], k8s: K8sSettings) -> PodResources:
-    import inspect
-
-    from common.training import planner
-
-    profile, shape_note = model_profile(model_ref, model_config)
-    gpus = 0 if finetune.get("device") == "cpu" else k8s.gpus
-    node = planner.detect_resources(  # every value given: nothing is detected on this (orchestrator's) machine
-        gpus=gpus, gpu_mem_bytes=int(k8s.gpu_memory_gb * 1e9) if gpus else 0,
-        host_ram_bytes=int(k8s.gpu_node_memory_gb * 1e9), cpu_count=k8s.gpu_node_cpus,
-        gpu_name=k8s.gpu_product or "", bf16_supported=gpus > 0,
-    )
-    # The finetune section's requests under the planner's names (the stage calls its batch "batch").
-    section = {FINETUNE_TO_PLAN.get(k, k): v for k, v in finetune.items()}
-    accepted = set(inspect.signature(planner.plan).parameters) - {"profile", "n_train", "resources"}
-    requests = {k: v for k, v in section.items() if k in accepted and v is not None}
-    planner_log = logging.getLogger(planner.__name__)
-    level = planner_log.level
-    planner_log.setLevel(logging.WARNING)  # its full table is for plan.json; one line here is enough
-    try:
-        plan = planner.plan(profile, n_train=n_train, resources=node, **requests)
-    finally:
-        planner_log.setLevel(level)
-    pod = plan.pod
-    log.info("finetune Job: %d GPU, memory %s/%s, /dev/shm %s from the plan (%s, %s, batch %d)", pod.gpus,
-             pod.memory_request, pod.memory_limit, pod.shm_size, plan.mode, plan.strategy, plan.per_device_batch)
-    source = (f"plan for {profile.name} ({shape_note}): {plan.mode}, {plan.strategy}, batch {plan.per_device_batch}"
-              f" on a node of {gpus} x {k8s.gpu_memory_gb:g} GB GPU, {k8s.gpu_node_memory_gb:g} GB RAM, "
-              f"{k8s.gpu_node_cpus} CPUs")
-    return PodResources(pod.gpus, pod.memory_request, pod.memory_limit, pod.shm_size, str(pod.cpu),
-                        dict(pod.node_selector), [dict(t) for t in pod.tolerations], source)
-
-
-def _n_train(stats: dict[str, Any]) -> int | None:
-    """Training rows prepare kept (stats.json ``kept.train``)."""
-    kept = stats.get("kept")
-    value = kept.get("train") if isinstance(kept, dict) else stats.get("n_train")
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def _read_store_json(store: Store | None, run_id: str, step: str, rel: str) -> dict[str, Any] | None:
-    if store is None:
-        return None
-    key = store.join(run_id, step, rel)
-    try:
-        return store.read_json(key) if store.exists(key) else None
-    except (StoreError, ValueError, OSError) as e:
-        log.warning("cannot read %s (%s); planning without it", store.uri_for(key), e)
-        return None
+                        cpu or res.cpu, res.node_selector, res.tolerations, source, res.setup)
 
 
 # ------------------------------------------------------------------------------------------------ Job objects

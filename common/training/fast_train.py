@@ -1,13 +1,13 @@
 """Fast single-GPU fine-tuning: bf16 working weights with fp32 master weights, fused AdamW, SDPA attention,
 regional ``torch.compile``, and a DataLoader that keeps the GPU busy.
 
-    ok, why = fast_path_applies(plan, trainee)     # one GPU, plain strategy, bf16, full / freeze-encoder
-    result = train_fast(trainee, train_ds, collate_fn, plan, ckpt_dir,
+    ok, why = fast_path_applies(plan.schedule, trainee)   # one GPU, plain strategy, bf16, full / freeze-encoder
+    result = train_fast(trainee, train_ds, collate_fn, plan.schedule, ckpt_dir,
                         on_checkpoint=lambda path: ctx.sync(), resume_from=last_checkpoint(ckpt_dir))
     # afterwards ``trainee`` holds the fp32 master weights again (fp32 tensors): save it as usual
 
 ``trainee`` is any module whose ``forward(**batch)`` returns the loss (``out["loss"]`` or ``out.loss``), e.g.
-``common.training.train.make_trainee(...)`` (loss on the label tokens only: the collator sets prompt positions to -100).
+a model family's trainee (e.g. ``common.families.whisper.trainee.make_trainee``; loss on the label tokens only).
 
 Precision (``FastOptions.precision``):
 
@@ -63,12 +63,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from common.core.files import publish_dir
+from common.training import checkpoints as ckpts
+from common.training.planner import Schedule
+
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's naming, so the stage's resume logic reads both kinds
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-FAST_CHECKPOINT_FILES = ("config.json", STATE_FILE, OPTIMIZER_FILE)  # + model.safetensors or its index
+STATE_FILE, OPTIMIZER_FILE = ckpts.FAST_STATE_FILE, ckpts.FAST_OPTIMIZER_FILE
 IGNORE_INDEX = -100  # label positions the loss skips (the collator's prompt mask)
 
 # Every tensor starts at a multiple of 64 elements in the flat buffers: 128-byte (bf16) / 256-byte (fp32)
@@ -115,21 +116,21 @@ class FastOptions:
 
 
 def hf_model_of(trainee: Any) -> Any:
-    """The Hugging Face model inside ``trainee`` (common.training.train's trainee exposes it as ``.model``)."""
+    """The Hugging Face model inside ``trainee`` (a family's trainee exposes it as ``.model``)."""
     inner = getattr(trainee, "model", None)
     return inner if hasattr(inner, "save_pretrained") else trainee
 
 
-def fast_path_applies(plan: Any, trainee: Any = None) -> tuple[bool, str]:
-    """(True, reason) when ``plan`` trains on one CUDA GPU without DeepSpeed in bf16 and every trainable
+def fast_path_applies(schedule: Schedule, trainee: Any = None) -> tuple[bool, str]:
+    """(True, reason) when ``schedule`` trains on one CUDA GPU without DeepSpeed in bf16 and every trainable
     weight belongs to the Hugging Face model (full / freeze-encoder; LoRA stays on the Trainer path)."""
-    v = plan.values
+    s = schedule
     checks = (
-        (v["device"] == "cuda", f"device {v['device']!r}: the fast path is for CUDA GPUs"),
-        (v["world_size"] == 1, f"world_size {v['world_size']}: the fast path trains on one GPU"),
-        (v["strategy"] == "plain", f"strategy {v['strategy']!r}: DeepSpeed runs through the Trainer"),
-        (v["precision"] == "bf16", f"precision {v['precision']!r}: the fast path computes in bf16"),
-        (v["mode"] in ("full", "freeze-encoder"), f"mode {v['mode']!r}: LoRA adapters train through the Trainer"),
+        (s.device == "cuda", f"device {s.device!r}: the fast path is for CUDA GPUs"),
+        (s.world_size == 1, f"world_size {s.world_size}: the fast path trains on one GPU"),
+        (s.strategy == "plain", f"strategy {s.strategy!r}: DeepSpeed runs through the Trainer"),
+        (s.precision == "bf16", f"precision {s.precision!r}: the fast path computes in bf16"),
+        (s.mode in ("full", "freeze-encoder"), f"mode {s.mode!r}: LoRA adapters train through the Trainer"),
     )
     for ok, why in checks:
         if not ok:
@@ -289,7 +290,7 @@ def _trainable(trainee: Any, hf: Any) -> list[tuple[str, Any]]:
             out.append((names[id(p)], p))
     if foreign:
         raise FastTrainError(f"trainable tensors outside the Hugging Face model: {foreign[:3]}; use the Trainer "
-                             "path (common.training.train.make_trainer) for LoRA")
+                             "path (common.training.trainer.make_trainer) for LoRA")
     return out
 
 
@@ -619,29 +620,9 @@ def _to_device(batch: Mapping[str, Any], device: Any, dtype: Any) -> dict[str, A
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):])
-
-
-def _checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=checkpoint_step)
-
-
-def is_complete(path: Path) -> bool:
-    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-    return weights and all((path / f).is_file() for f in FAST_CHECKPOINT_FILES)
-
-
 def last_checkpoint(folder: Path) -> Path | None:
-    """The complete fast-path checkpoint with the highest step under ``folder``, or None."""
-    if not Path(folder).is_dir():
-        return None
-    for path in reversed(_checkpoints(Path(folder))):
-        if is_complete(path):
-            return path
-        log.warning("ignoring incomplete checkpoint %s", path)
-    return None
+    """The complete fast-loop checkpoint with the highest step under ``folder``, or None."""
+    return ckpts.last_complete(Path(folder), "fast")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -673,9 +654,7 @@ def save_checkpoint(folder: Path, prep: _Prepared, optimizer: Any, scheduler: An
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, ensure_ascii=False))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    publish_dir(tmp, folder)
     return folder
 
 
@@ -690,7 +669,7 @@ def _mark_fp32(config_json: Path) -> None:
 
 
 def _rotate(folder: Path, keep: int) -> None:
-    for old in _checkpoints(folder)[:-keep] if keep > 0 else []:
+    for old in ckpts.checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
         log.info("removed old checkpoint %s (save_total_limit %d)", old.name, keep)
 
@@ -869,25 +848,11 @@ def idle_gaps(spans: Sequence[tuple[float, float, str]], steps: int, top: int = 
 # --- the training loop ---------------------------------------------------------------------------------
 
 
-def _plan_value(plan: Any, name: str, default: Any = None) -> Any:
-    v = plan.values
-    return v[name] if name in v and v[name] is not None else default
-
-
-def _batch_shape_for_probe(hf: Any, batch: int) -> tuple[int, int, int, int] | None:
-    cfg = hf.config
-    heads = getattr(cfg, "encoder_attention_heads", None)
-    seq = getattr(cfg, "max_source_positions", None)
-    if not heads or not seq:
-        return None
-    return batch, heads, seq, cfg.d_model // heads
-
-
 def train_fast(
     trainee: Any,
     train_dataset: Any,
     collate_fn: Callable[[list], dict],
-    plan: Any,
+    schedule: Schedule,
     out_dir: str | Path,
     *,
     on_checkpoint: Callable[[Path], None] | None = None,
@@ -895,7 +860,7 @@ def train_fast(
     eval_dataset: Any = None,
     options: FastOptions | None = None,
 ) -> dict[str, Any]:
-    """Train ``trainee`` as ``plan`` says (batch, accumulation, lr, schedule, steps, checkpoints) on its
+    """Train ``trainee`` as ``schedule`` (a plan's ``.schedule``) says (batch, accumulation, lr, schedule, steps, checkpoints) on its
     device; checkpoints go to ``out_dir/checkpoint-<step>`` (see the module docstring). Returns a summary:
     steps, losses, log history, speed (median step time after the warm-up), peak GPU memory, what ran.
     On return ``trainee`` holds the fp32 master weights as ordinary fp32 tensors."""
@@ -905,18 +870,18 @@ def train_fast(
 
     opt = options or FastOptions()
     out_dir = Path(out_dir)
-    device = torch.device(_plan_value(plan, "device", "cuda"))
+    device = torch.device(schedule.device)
     cuda = device.type == "cuda"
-    batch = int(_plan_value(plan, "per_device_batch"))
-    accum = int(_plan_value(plan, "grad_accum", 1))
-    total_steps = int(opt.max_steps or _plan_value(plan, "max_steps"))
-    save_steps = int(_plan_value(plan, "save_steps", total_steps))
-    keep = int(_plan_value(plan, "save_total_limit", 3))
-    logging_steps = int(_plan_value(plan, "logging_steps", 10))
-    eval_steps = _plan_value(plan, "eval_steps")
-    workers = int(_plan_value(plan, "dataloader_num_workers", 0))
+    batch = schedule.per_device_batch
+    accum = schedule.grad_accum
+    total_steps = int(opt.max_steps or schedule.max_steps)
+    save_steps = schedule.save_steps
+    keep = schedule.save_total_limit
+    logging_steps = schedule.logging_steps
+    eval_steps = schedule.eval_steps
+    workers = schedule.dataloader_num_workers
     torch.manual_seed(opt.seed)
-    if cuda and _plan_value(plan, "tf32", True):
+    if cuda and schedule.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
@@ -925,9 +890,9 @@ def train_fast(
         _expandable_segments()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    prep = prepare_model(trainee, device, opt.precision, float(_plan_value(plan, "weight_decay", 0.0)))
+    prep = prepare_model(trainee, device, opt.precision, schedule.weight_decay)
     hf = prep.hf
-    if _plan_value(plan, "gradient_checkpointing", False):
+    if schedule.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf.config.use_cache = False
     if prep.master is not None:
@@ -936,14 +901,14 @@ def train_fast(
         named = _trainable(trainee, hf)
         decay = [p for _, p in named if p.ndim >= 2]
         no_decay = [p for _, p in named if p.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": float(_plan_value(plan, "weight_decay", 0.0))},
+        groups = [g for g in ({"params": decay, "weight_decay": schedule.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         layout = [{"names": [n for n, p in named if p.ndim >= 2]}, {"names": [n for n, p in named if p.ndim < 2]}]
     layout = [{**g, "precision": opt.precision} for g in layout]
-    optimizer = torch.optim.AdamW(groups, lr=float(_plan_value(plan, "lr")), betas=ADAM_BETAS, eps=ADAM_EPS,
+    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
                                   fused=True)
-    scheduler = get_scheduler(str(_plan_value(plan, "scheduler", "linear")), optimizer,
-                              num_warmup_steps=int(_plan_value(plan, "warmup_steps", 0)),
+    scheduler = get_scheduler(schedule.scheduler, optimizer,
+                              num_warmup_steps=schedule.warmup_steps,
                               num_training_steps=total_steps)
 
     step, log_history, loss_total, resumed = 0, [], 0.0, None
@@ -957,7 +922,8 @@ def train_fast(
     attention = opt.attention
     attention_probe: dict[str, Any] = {}
     if attention == "auto":
-        shape = _batch_shape_for_probe(hf, batch)
+        probe = getattr(trainee, "attention_shape", None)  # the trainee names its dominant attention shape
+        shape = probe(batch) if probe else None
         if cuda and shape:
             attention, attention_probe = pick_sdpa_backend(*shape, device=device)
             log.info("attention backend %s (fwd+bwd ms per call at %s: %s)", attention, shape, attention_probe)
@@ -1057,7 +1023,7 @@ def train_fast(
                 state = {"global_step": step, "max_steps": total_steps, "epoch": step / batches.steps_per_epoch,
                          "log_history": log_history,
                          "fast_train": {"layout": layout, "loss_total": loss_total, "options": _jsonable(opt)}}
-                path = save_checkpoint(out_dir / f"{CHECKPOINT_PREFIX}{step}", prep, optimizer, scheduler, state)
+                path = save_checkpoint(out_dir / f"{ckpts.PREFIX}{step}", prep, optimizer, scheduler, state)
                 checkpoints.append(path.name)
                 _rotate(out_dir, keep)
                 log.info("saved %s", path)
@@ -1185,28 +1151,3 @@ def _write_scalars(writer: Any, entry: Mapping[str, Any]) -> None:
 
 def _jsonable(opt: FastOptions) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opt).items()}
-
-
-# --- model FLOPs ---------------------------------------------------------------------------------------
-
-
-def whisper_forward_flops(config: Any, decoder_len: int, mel_frames: int = 3000) -> int:
-    """Forward FLOPs of one sample (2 per multiply-add) of a Whisper encoder-decoder: convolutions,
-    projections, attention scores and weighted sums (full T x T, also for the causal decoder), FFNs,
-    the decoder's cross-attention keys/values over the encoder frames, and the vocabulary projection.
-    Norms, activations and softmax (< 1%) are left out."""
-    d = config.d_model
-    t_e = mel_frames // 2  # the second convolution has stride 2: 1500 frames for 30 s
-    t_d = decoder_len
-    conv = 2 * mel_frames * (config.num_mel_bins * 3) * d + 2 * t_e * (d * 3) * d
-    enc_layer = 4 * 2 * t_e * d * d + 2 * 2 * t_e * t_e * d + 2 * 2 * t_e * d * config.encoder_ffn_dim
-    dec_layer = (4 * 2 * t_d * d * d + 2 * 2 * t_d * t_d * d  # self-attention
-                 + 2 * 2 * t_d * d * d + 2 * 2 * t_e * d * d + 2 * 2 * t_d * t_e * d  # cross-attention
-                 + 2 * 2 * t_d * d * config.decoder_ffn_dim)
-    head = 2 * t_d * d * config.vocab_size
-    return conv + config.encoder_layers * enc_layer + config.decoder_layers * dec_layer + head
-
-
-def train_flops_per_sample(config: Any, decoder_len: int, mel_frames: int = 3000) -> int:
-    """Model FLOPs of one training sample: forward + backward = 3 x forward (recomputation not counted)."""
-    return 3 * whisper_forward_flops(config, decoder_len, mel_frames)

@@ -384,6 +384,37 @@ class PodResources(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
+class Schedule(BaseModel):
+    """What a training loop takes from a plan, typed (both loops: the Trainer's and the fast one)."""
+
+    model_config = {"frozen": True}
+
+    device: str
+    precision: str
+    world_size: int
+    strategy: str
+    mode: str
+    per_device_batch: int
+    grad_accum: int
+    epochs: float
+    max_steps: int
+    max_steps_forced: bool  # the user asked for a number of steps (else the Trainer counts epochs)
+    lr: float
+    scheduler: str
+    warmup_steps: int
+    weight_decay: float
+    optim: str
+    save_steps: int
+    save_total_limit: int
+    logging_steps: int
+    eval_strategy: str
+    eval_steps: int | None
+    dataloader_num_workers: int
+    tf32: bool
+    gradient_checkpointing: bool
+    deepspeed: dict[str, Any] | None
+
+
 class Plan(BaseModel):
     inputs: dict[str, Any]
     profile: ModelProfile
@@ -407,6 +438,17 @@ class Plan(BaseModel):
     @property
     def values(self) -> dict[str, Any]:
         return {d.name: d.value for d in self.decisions}
+
+    @property
+    def schedule(self) -> Schedule:
+        v = self.values
+        return Schedule(**{k: v[k] for k in Schedule.model_fields if k in v},
+                        max_steps_forced=self.decision("max_steps").overridden is not None)
+
+    def record(self, name: str, value: Any, reason: str) -> None:
+        """Add a decision taken after planning (by the stage or the model family) to the same log."""
+        self.decisions = [d for d in self.decisions if d.name != name] + [Decision(name=name, value=value,
+                                                                                    reason=reason)]
 
     # the values the finetune stage uses most, typed
     @property
@@ -1382,56 +1424,55 @@ def adapt_kwargs(wanted: Mapping[str, Any], accepted: Collection[str]) -> dict[s
     return out
 
 
-def _wanted_arguments(plan: Plan, output_dir: str | Path) -> dict[str, Any]:
-    v = plan.values
-    cuda = v["device"] == "cuda"
+def _wanted_arguments(s: Schedule, output_dir: str | Path) -> dict[str, Any]:
     wanted: dict[str, Any] = {
         "output_dir": str(output_dir),
-        "per_device_train_batch_size": v["per_device_batch"],
-        "per_device_eval_batch_size": v["per_device_batch"],
-        "gradient_accumulation_steps": v["grad_accum"],
-        "learning_rate": v["lr"],
-        "weight_decay": v["weight_decay"],
-        "lr_scheduler_type": v["scheduler"],
-        "warmup_steps": v["warmup_steps"],
-        "bf16": v["precision"] == "bf16",
-        "fp16": v["precision"] == "fp16",
-        "gradient_checkpointing": v["gradient_checkpointing"],
-        "eval_strategy": v["eval_strategy"],
+        "per_device_train_batch_size": s.per_device_batch,
+        "per_device_eval_batch_size": s.per_device_batch,
+        "gradient_accumulation_steps": s.grad_accum,
+        "learning_rate": s.lr,
+        "weight_decay": s.weight_decay,
+        "lr_scheduler_type": s.scheduler,
+        "warmup_steps": s.warmup_steps,
+        "bf16": s.precision == "bf16",
+        "fp16": s.precision == "fp16",
+        "gradient_checkpointing": s.gradient_checkpointing,
+        "eval_strategy": s.eval_strategy,
         "save_strategy": "steps",
-        "save_steps": v["save_steps"],
-        "save_total_limit": v["save_total_limit"],
-        "logging_steps": v["logging_steps"],
-        "dataloader_num_workers": v["dataloader_num_workers"],
-        "optim": v["optim"] if not v["deepspeed"] else "adamw_torch",
+        "save_steps": s.save_steps,
+        "save_total_limit": s.save_total_limit,
+        "logging_steps": s.logging_steps,
+        "dataloader_num_workers": s.dataloader_num_workers,
+        "optim": s.optim if not s.deepspeed else "adamw_torch",
     }
-    if plan.decision("max_steps").overridden:
-        wanted["max_steps"] = v["max_steps"]
+    if s.max_steps_forced:
+        wanted["max_steps"] = s.max_steps
     else:
-        wanted["num_train_epochs"] = v["epochs"]
-    if v["gradient_checkpointing"]:
+        wanted["num_train_epochs"] = s.epochs
+    if s.gradient_checkpointing:
         wanted["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    if v["eval_strategy"] != "no":
-        wanted["eval_steps"] = v["eval_steps"]
-    if cuda:
-        if v["tf32"]:
+    if s.eval_strategy != "no":
+        wanted["eval_steps"] = s.eval_steps
+    if s.device == "cuda":
+        if s.tf32:
             wanted["tf32"] = True
-        if v["world_size"] > 1:
+        if s.world_size > 1:
             wanted["ddp_find_unused_parameters"] = False
     else:
         wanted["use_cpu"] = True
-    if v["deepspeed"]:
-        wanted["deepspeed"] = json.loads(json.dumps(v["deepspeed"]))  # a copy: HF fills "auto" in place
+    if s.deepspeed:
+        wanted["deepspeed"] = json.loads(json.dumps(s.deepspeed))  # a copy: HF fills "auto" in place
     return wanted
 
 
-def training_arguments_kwargs(plan: Plan, output_dir: str | Path, **extra: Any) -> dict[str, Any]:
-    """Keywords for `transformers.Seq2SeqTrainingArguments` from `plan`, plus `extra` (which win),
+def training_arguments_kwargs(plan: Plan | Schedule, output_dir: str | Path, **extra: Any) -> dict[str, Any]:
+    """Keywords for `transformers.Seq2SeqTrainingArguments` from a plan's schedule, plus `extra` (which win),
     using only names the installed transformers accepts."""
     from transformers import Seq2SeqTrainingArguments
 
+    schedule = plan.schedule if isinstance(plan, Plan) else plan
     accepted = inspect.signature(Seq2SeqTrainingArguments).parameters
-    return adapt_kwargs({**_wanted_arguments(plan, output_dir), **extra}, accepted)
+    return adapt_kwargs({**_wanted_arguments(schedule, output_dir), **extra}, accepted)
 
 
 def training_arguments(plan: Plan, output_dir: str | Path, **extra: Any) -> Any:

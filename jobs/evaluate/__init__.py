@@ -49,27 +49,23 @@ from tqdm import tqdm
 from common.core.models import (
     ModelRef,
     ModelRefError,
-    convert_ct2_to_hf,
     fetch_model,
-    folder_fingerprint,
-    folder_format,
-    folder_format_or_none,
     listing_fingerprint,
     parse_model_ref,
     ref_fingerprint,
 )
 from common.core.records import audio_location, iter_jsonl, transcript
 from common.core.settings import StageSettings
-from common.core.stage import StageContext, StageFailed, cache_dir, stage_dir, upstream_fingerprint
+from common.core.stage import StageContext, StageFailed, stage_dir, upstream_fingerprint
 from common.core.store import Store, atomic_write_bytes, sha256_file
-from common.core.transcribe import (
-    DEFAULT_MAX_NEW_TOKENS,
-    MAX_TARGET_POSITIONS,
-    CT2Engine,
-    DecodeOptions,
-    HFEngine,
-    Utterance,
-    transcribe_utterances,
+from common.core.transcribe import Utterance, transcribe_utterances
+from common.families import (
+    DEFAULT_FAMILY,
+    EngineRequest,
+    FamilyError,
+    ModelFamily,
+    family_of_pretrained,
+    get_family,
 )
 
 log = logging.getLogger(__name__)
@@ -80,7 +76,6 @@ RUN_FILE_PREFIX = "run:"  # "run:prepare/test.jsonl" = a file of another stage o
 REAL_ZH_DEV = "real-zh-dev"
 REAL_ZH_DEV_ENV = "ASRFT_REAL_ZH_DEV"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CT2_CACHE_QUANTIZATION = "float32"  # HF → CT2 conversions for evaluation keep every weight; compute_type decides
 BATCH_SIZE = {"cpu": 8, "cuda": 32}  # CPU: no gain beyond ~8 on a few cores; GPU: 32 clips of 30 s in bf16 fit easily
 COMPUTE_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
 
@@ -164,15 +159,18 @@ class EvaluateSettings(StageSettings):
     )
     real_zh_dev: bool = Field(True, description=f"also score the real Mandarin dev set when found (${REAL_ZH_DEV_ENV}, "
                                                 "else ../shared/data/real-zh-dev next to the repo)")
-    backend: Literal["auto", "ct2", "hf"] = Field(
-        "auto", description="ct2 = CTranslate2 (CPU default), hf = transformers generate (GPU default; bf16)")
+    family: str | None = Field(None, description=f"model family of the models [default: the run's, else "
+                               f"{DEFAULT_FAMILY}]", examples=["whisper"])
+    backend: str = Field(
+        "auto", description="the family's decoder; whisper: ct2 = CTranslate2 (CPU default), hf = transformers "
+                            "generate (GPU default; bf16)", examples=["auto", "ct2", "hf"])
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     compute_type: Literal[COMPUTE_TYPES] = Field(  # type: ignore[valid-type]
         "float32", description="CTranslate2 compute type, the same for every model. float32 reproduces the "
                                "transformers output token for token (int8 measured no faster on an AVX2 CPU)")
     beam_size: int = Field(1, ge=1, le=16, description="1 = greedy decoding")
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_TARGET_POSITIONS - 4,
-                                description="most tokens decoded per utterance")
+    max_new_tokens: int | None = Field(None, ge=1, description="most tokens decoded per utterance [default: "
+                                       "the family's; whisper: 224]")
     batch_size: int = Field(0, ge=0, description="utterances per batch (0 = 8 on CPU, 32 on GPU)")
     threads: int = Field(0, ge=0, description="CPU threads for CTranslate2 (0 = every core this process may use)")
     title: str = Field("ASR evaluation · 语音识别评估", description="report title")
@@ -261,16 +259,13 @@ def _run_stage_folder(store: Store, run_id: str, stage: str) -> tuple[Path, str]
 
 def _default_models(store: Store, run_id: str) -> list[ModelEntry]:
     models = []
-    for name, stage, sub in (("pretrained", "pretrained", ("model",)), ("finetuned", "export", ("ct2", "model"))):
+    for name, stage, sub in (("pretrained", "pretrained", "model"), ("finetuned", "export", "")):
         found = _run_stage_folder(store, run_id, stage)
         if found is None:
             log.info("evaluate: no completed '%s' stage in run '%s'; model '%s' not evaluated", stage, run_id, name)
             continue
         folder, fingerprint = found
-        path = next((folder / s for s in sub if folder_format_or_none(folder / s)), None)
-        if path is None:
-            raise StageFailed(f"{folder}: the '{stage}' stage completed but holds no model in {' or '.join(sub)}/; "
-                              f"re-run it with --force")
+        path = folder / sub if sub else folder  # export: the family picks the folder its engine loads
         models.append(ModelEntry(name, parse_model_ref(str(path)), {"stage": stage, "fingerprint": fingerprint}))
     if not models:
         raise StageFailed(f"no model to evaluate: run '{run_id}' has no completed pretrained/export stage. Pass "
@@ -281,8 +276,9 @@ def _default_models(store: Store, run_id: str) -> list[ModelEntry]:
 
 def _model_fingerprint(ref: ModelRef) -> Any:
     if ref.kind == "path" and not Path(ref.location).expanduser().is_dir():
-        raise StageFailed(f"--model {ref.raw}: no such folder. Expected an HF or CTranslate2 model folder, an "
-                          f"export folder, bundled:whisper-base, hf://org/name or s3://bucket/prefix.", exit_code=2)
+        raise StageFailed(f"--model {ref.raw}: no such folder. Expected a model folder of the family (whisper: "
+                          f"Hugging Face or CTranslate2 format, or an export folder), bundled:NAME, hf://org/name "
+                          f"or s3://bucket/prefix.", exit_code=2)
     return ref_fingerprint(ref)
 
 
@@ -430,75 +426,29 @@ def load_sets(plan: Plan, work: Path, s3) -> list[LoadedSet]:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_runtime(settings: EvaluateSettings) -> tuple[str, str]:
-    """(backend, device) from the settings and the hardware."""
-    device = settings.device
-    if device == "auto":
-        import torch
+def resolve_device(settings: EvaluateSettings) -> str:
+    if settings.device != "auto":
+        return settings.device
+    import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = settings.backend if settings.backend != "auto" else ("hf" if device == "cuda" else "ct2")
-    return backend, device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _cached(kind: str, source: Path, build) -> Path:
-    """A conversion of ``source`` kept in the cache, keyed by the source's content."""
-    dest = cache_dir() / "evaluate" / f"{kind}-{folder_fingerprint(source)[:20]}"
-    if not folder_format_or_none(dest):
-        log.info("evaluate: converting %s → %s (%s; cached for later runs)", source, dest, kind)
-        build(source, dest)
-    return dest
+def evaluation_family(settings: EvaluateSettings, store: Store) -> ModelFamily:
+    """--family, else the family the run's pretrained stage recorded, else the default."""
+    try:
+        if settings.family:
+            return get_family(settings.family)
+        found = _run_stage_folder(store, settings.run_id, "pretrained")
+        return family_of_pretrained(found[0]) if found else get_family(DEFAULT_FAMILY)
+    except FamilyError as e:
+        raise StageFailed(str(e), exit_code=2) from None
 
 
-def _hf_to_ct2(source: Path, dest: Path) -> None:
-    from common.families.whisper.ct2 import export_hf_to_ct2
-    from common.core.models import ensure_preprocessor_config
-
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / "hf"  # never modify the user's folder: add preprocessor_config.json to a copy of links
-        staged.mkdir()
-        for p in source.iterdir():
-            if p.is_file():
-                (staged / p.name).symlink_to(p.resolve())
-        ensure_preprocessor_config(staged)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        export_hf_to_ct2(staged, dest, CT2_CACHE_QUANTIZATION)
-
-
-def model_folder(name: str, ref: ModelRef, backend: str, s3) -> tuple[Path, dict[str, Any]]:
-    """The local folder the backend loads (CT2 for ct2, HF for hf; converted in the cache when needed)."""
-    folder, facts = fetch_model(ref, s3)
-    fmt = facts["format"]
-    if fmt == "export":
-        want = "ct2" if backend == "ct2" else "model"
-        other = "model" if want == "ct2" else "ct2"
-        folder = folder / want if folder_format_or_none(folder / want) else folder / other
-        fmt = folder_format(folder)
-    used = {"ref": ref.raw, "resolved_source": facts.get("resolved_source"), "source_format": fmt}
-    if backend == "ct2" and fmt == "hf":
-        folder = _cached("ct2", folder, _hf_to_ct2)
-        used["conversion"] = f"Hugging Face → CTranslate2 ({CT2_CACHE_QUANTIZATION}, cached)"
-    elif backend == "hf" and fmt == "ct2":
-        folder = _cached("hf", folder, convert_ct2_to_hf)
-        used["conversion"] = "CTranslate2 → Hugging Face (cached)"
-    used["folder"] = str(folder)
-    log.info("evaluate: model %r: %s → %s", name, ref.raw, folder)
-    return folder, used
-
-
-def open_engine(folder: Path, backend: str, device: str, options: DecodeOptions, settings: EvaluateSettings):
-    if backend == "ct2":
-        return CT2Engine(folder, options, device=device, compute_type=settings.compute_type, threads=settings.threads)
-    return HFEngine(folder, options, device=device)
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage body
-# ---------------------------------------------------------------------------------------------
-
-
-def decode_options(settings: EvaluateSettings) -> DecodeOptions:
-    return DecodeOptions(beam_size=settings.beam_size, max_new_tokens=settings.max_new_tokens)
+def engine_request(settings: EvaluateSettings, device: str) -> EngineRequest:
+    return EngineRequest(backend=settings.backend, device=device, compute_type=settings.compute_type,
+                         threads=settings.threads, beam_size=settings.beam_size,
+                         max_new_tokens=settings.max_new_tokens)
 
 
 def _throughput(name: str, set_name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -510,26 +460,30 @@ def _throughput(name: str, set_name: str, rows: list[dict[str, Any]]) -> dict[st
             "audio_seconds_per_second": round(audio / seconds, 2) if seconds else None}
 
 
-def transcribe_all(plan: Plan, sets: list[LoadedSet], settings: EvaluateSettings
+def transcribe_all(plan: Plan, sets: list[LoadedSet], settings: EvaluateSettings, family: ModelFamily
                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every model over every set with the same decoding settings → (prediction rows, run info)."""
-    backend, device = resolve_runtime(settings)
-    options = decode_options(settings)
+    device = resolve_device(settings)
+    request = engine_request(settings, device)
     batch_size = settings.batch_size or BATCH_SIZE[device]
     rows: list[dict[str, Any]] = []
-    info: dict[str, Any] = {"decoding": options.as_dict(), "backend": backend, "device": device,
-                            "batch_size": batch_size, "models": {}, "throughput": [], "unreadable": []}
-    if backend == "ct2":
-        info["compute_type"] = settings.compute_type
+    info: dict[str, Any] = {"family": family.name, "device": device, "batch_size": batch_size, "models": {},
+                            "throughput": [], "unreadable": []}
     total = sum(len(s.utterances) for s in sets) * len(plan.models)
     with tqdm(total=total, desc="evaluate: transcribing", unit="utt", mininterval=1.0) as bar:
         for model in plan.models:
-            folder, used = model_folder(model.name, model.ref, backend, settings.s3)
+            folder, facts = fetch_model(model.ref, settings.s3)
             t0 = time.perf_counter()
-            engine = open_engine(folder, backend, device, options, settings)
-            used["load_seconds"] = round(time.perf_counter() - t0, 3)
-            used["engine"] = engine.info
+            try:
+                engine, used = family.open_engine(folder, request)
+            except FamilyError as e:
+                raise StageFailed(f"model {model.name!r} ({model.ref.raw}): {e}", exit_code=2) from None
+            used = {"ref": model.ref.raw, "resolved_source": facts.get("resolved_source"), **used,
+                    "load_seconds": round(time.perf_counter() - t0, 3), "engine": engine.info}
+            log.info("evaluate: model %r: %s → %s", model.name, model.ref.raw, used["folder"])
             info["models"][model.name] = used
+            info.setdefault("decoding", engine.info.get("decoding"))
+            info.setdefault("backend", used.get("backend"))
             for data in sets:
                 bar.set_postfix_str(f"{model.name} / {data.name}")
                 got = transcribe_utterances(engine, data.utterances, batch_size=batch_size, progress=bar.update)
@@ -539,17 +493,19 @@ def transcribe_all(plan: Plan, sets: list[LoadedSet], settings: EvaluateSettings
                 info["throughput"].append(_throughput(model.name, data.name, ok))
             del engine
             gc.collect()
+    if info.get("backend") == "ct2":
+        info["compute_type"] = settings.compute_type
     _check_same_settings(info)
     return rows, info
 
 
 def _check_same_settings(info: dict[str, Any]) -> None:
-    """Every engine must have used the same prompt and feature size; different ones would make the comparison
-    measure the settings rather than the models."""
-    seen = {name: (m["engine"]["prompt_ids"], m["engine"]["n_mels"]) for name, m in info["models"].items()}
+    """Every engine must have used the same comparable settings (whisper: prompt tokens and mel bins); different
+    ones would make the comparison measure the settings rather than the models."""
+    seen = {name: m["engine"].get("comparable") for name, m in info["models"].items()}
     if len(set(map(repr, seen.values()))) > 1:
-        raise StageFailed(f"the models disagree on prompt tokens or mel bins {seen}; they are not the same Whisper "
-                          f"family (e.g. large-v3 with 128 mel bins vs base with 80). Evaluate them in separate runs.")
+        raise StageFailed(f"the models disagree on {seen}; they are not the same kind of model (e.g. Whisper "
+                          f"large-v3 with 128 mel bins vs base with 80). Evaluate them in separate runs.")
 
 
 PREDICTION_KEYS = ("id", "reference", "hypothesis", "model", "set", "duration", "decode_seconds",
@@ -564,7 +520,7 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
     settings: EvaluateSettings = ctx.settings
     with tempfile.TemporaryDirectory(prefix="asrft-evaluate-") as work:
         sets = load_sets(plan, Path(work), settings.s3)
-        rows, info = transcribe_all(plan, sets, settings)
+        rows, info = transcribe_all(plan, sets, settings, evaluation_family(settings, ctx.store))
     scored = score_rows(rows, "evaluate predictions")
     metrics = metrics_by_model_set(scored)
     rejected = [r for s in sets for r in s.rejected]

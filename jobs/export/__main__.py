@@ -3,7 +3,7 @@
     asr-ft export [--checkpoint PATH] [--quantization int8|float16|int8_float16|float32] [--run-id ID]
     python -m jobs.export ...            (the same, as run in a container)
 
-Environment: ASRFT_EXPORT_CHECKPOINT, ASRFT_EXPORT_QUANTIZATION, ASRFT_EXPORT_VERIFY; common: ASRFT_ARTIFACTS,
+Environment: ASRFT_EXPORT_CHECKPOINT, ASRFT_EXPORT_QUANTIZATION, ASRFT_EXPORT_VERIFY, ASRFT_EXPORT_FAMILY; common: ASRFT_ARTIFACTS,
 ASRFT_RUN_ID, ASRFT_FORCE, ASRFT_LOG_LEVEL, ASRFT_S3__* .
 
 Reads <artifacts>/<run-id>/finetune/final/ (or --checkpoint); writes <artifacts>/<run-id>/export/: model/

@@ -1,15 +1,17 @@
-"""asr-ft extract — prepare's records → the same records + a float16 log-mel cache when it pays.
+"""asr-ft extract — prepare's records → the same records + the model's features cached when it pays.
 
     asr-ft extract [--cache auto|always|never] [--epochs 3] [--run-id ID] [--artifacts URI]
     python -m jobs.extract ...            (the same, as run in a container)
 
 Environment: ASRFT_EXTRACT_CACHE, ASRFT_EXTRACT_EPOCHS, ASRFT_EXTRACT_MAX_CACHE_GB, ASRFT_EXTRACT_MODEL_DIR,
-ASRFT_EXTRACT_N_MELS, ASRFT_EXTRACT_SHARD_ROWS; common: ASRFT_ARTIFACTS, ASRFT_RUN_ID, ASRFT_FORCE,
+ASRFT_EXTRACT_FAMILY, ASRFT_EXTRACT_SHARD_ROWS; common: ASRFT_ARTIFACTS, ASRFT_RUN_ID, ASRFT_FORCE,
 ASRFT_LOG_LEVEL, ASRFT_S3__ENDPOINT_URL (and the other ASRFT_S3__* keys).
 
-Reads <artifacts>/<run-id>/prepare/{train,test}.jsonl and their audio; writes <artifacts>/<run-id>/extract/:
-train.jsonl, test.jsonl (records, with "features": {"shard", "row"} when cached), skipped.jsonl (clips
-longer than Whisper's 30-s window), features/*.npy and features.json.
+Reads <artifacts>/<run-id>/prepare/{train,test}.jsonl and their audio, and the run's pretrained model (run
+`asr-ft pretrained` first, or pass --model-dir); writes <artifacts>/<run-id>/extract/: train.jsonl,
+test.jsonl (records, with the cache reference when cached), skipped.jsonl (clips longer than the model's
+window), data_facts.json (what the fine-tune planner needs of the data) and the family's cache (whisper:
+float16 log-mel in features/*.npy, features.json).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""asr-ft finetune — plan, then fine-tune Whisper (full / freeze-encoder / LoRA) on extract's records.
+"""asr-ft finetune — plan, then fine-tune the run's pretrained model (full / freeze-encoder / LoRA) on extract's records.
 
     asr-ft finetune [--mode auto|full|freeze-encoder|lora] [--epochs N] [--lr LR] [--batch B] [--run-id ID]
     python -m jobs.finetune ...            (the same, as run in a container)
@@ -9,9 +9,10 @@ ASRFT_FINETUNE_LORA_R, ASRFT_FINETUNE_FROZEN_ENCODER_LAYERS, ASRFT_FINETUNE_DEVI
 (JSON) …; `--help` lists them all); common: ASRFT_ARTIFACTS, ASRFT_RUN_ID, ASRFT_FORCE, ASRFT_LOG_LEVEL,
 ASRFT_S3__ENDPOINT_URL (and the other ASRFT_S3__* keys). TENSORBOARD_LOGGING_DIR is set by the stage.
 
-Reads <run>/extract/train.jsonl (+ its log-mel cache) and <run>/pretrained/model/; writes <run>/finetune/:
-plan.json (before training), checkpoints/checkpoint-N/, tensorboard/, trainer_state.json, final/ (a plain
-Hugging Face Whisper folder). Interrupted? Run the same command again: it resumes from the last checkpoint.
+Reads <run>/extract/ (records, data_facts.json, the feature cache) and <run>/pretrained/ (model/ and the
+family in provenance.json); writes <run>/finetune/: plan.json (before any weight is loaded), checkpoints/
+checkpoint-N/, tensorboard/, trainer_state.json, final/ (the family's model folder; whisper: a plain Hugging
+Face Whisper folder, LoRA merged). Interrupted? Run the same command again: it resumes from the last checkpoint.
 """
 
 from __future__ import annotations

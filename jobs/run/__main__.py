@@ -29,12 +29,12 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common.executors.compose import ComposeSettings
-from common.executors.k8s import K8sSettings
-from common.executors.pipeline import demo_config_path, load_pipeline, local_env, steps_of
 from common.core.settings import COMMON_FIELDS, SettingsError, StageSettings, build_parser, load_settings
 from common.core.stage import EXIT_BAD_INPUT, EXIT_OK, MANIFEST, setup_logging
 from common.core.store import open_store
+from common.executors.compose import ComposeSettings
+from common.executors.k8s import K8sSettings
+from common.executors.pipeline import demo_config_path, load_pipeline, local_env, steps_of
 
 log = logging.getLogger("asr-ft.run")
 

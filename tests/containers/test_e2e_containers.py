@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from common.core.settings import COMMON_FIELDS, load_settings
 from common.executors.compose import MOUNT_PATH, ComposeSettings, default_image, run_compose
 from common.executors.pipeline import load_pipeline, steps_of
-from common.core.settings import COMMON_FIELDS, load_settings
 
 pytestmark = pytest.mark.containers
 

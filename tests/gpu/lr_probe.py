@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import Seq2SeqTrainer, TrainerCallback, WhisperConfig, WhisperForConditionalGeneration  # noqa: E402
 
-from common.training.memory import profile_from_hf_config  # noqa: E402
+from common.families.whisper.profile import profile_from_hf_config  # noqa: E402
 from common.training.planner import deepspeed_config, detect_resources, plan, training_arguments  # noqa: E402
 
 UPSTREAM_SCHEDULER = {  # finetune_codes/ds_config_zero3.json of MoonshotAI/Kimi-Audio

@@ -75,7 +75,7 @@ def test_fast_path_on_one_gpu_and_resume_after_kill(run_dirs, capfd, monkeypatch
     plan = json.loads((out / "plan.json").read_text())
     values = {d["name"]: d["value"] for d in plan["decisions"]}
     assert values["device"] == "cuda" and values["precision"] == "bf16" and values["world_size"] == 1
-    assert plan["finetune"]["fast_path"] is True and plan["finetune"]["launcher"]["processes"] == 1
+    assert values["fast_path"] is True and values["processes"]["processes"] == 1
     killed_at = int(_checkpoints(out / "checkpoints")[-1].name.split("-")[1])
     assert SAVE_STEPS <= killed_at < MAX_STEPS
     assert (out / "checkpoints" / f"checkpoint-{killed_at}" / "optimizer.pt").is_file()  # a fast-path checkpoint

@@ -14,7 +14,8 @@ import os
 import pytest
 import torch
 
-from common.training.memory import CUDA_CONTEXT_BYTES, GB, LoraSpec, Setup, estimate, profile_from_hf_config
+from common.families.whisper.profile import profile_from_hf_config
+from common.training.memory import CUDA_CONTEXT_BYTES, GB, LoraSpec, Setup, estimate
 
 pytestmark = pytest.mark.gpu
 
@@ -126,7 +127,7 @@ class ToyKimi(torch.nn.Module):
         from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-        from common.training.memory import (
+        from common.families.kimi_audio.profile import (
             KIMI_HEADS,
             KIMI_HIDDEN,
             KIMI_INTERMEDIATE,
@@ -153,7 +154,7 @@ class ToyKimi(torch.nn.Module):
 
 
 def measure_kimi_peak(layers: int, mode: str, checkpointing: bool, batch: int, seq: int) -> int:
-    from common.training.memory import KIMI_VOCAB
+    from common.families.kimi_audio.profile import KIMI_VOCAB
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -196,7 +197,7 @@ def measure_kimi_peak(layers: int, mode: str, checkpointing: bool, batch: int, s
 def test_kimi_shape_estimate_brackets_the_measured_peak(layers, mode, checkpointing, batch):
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need a CUDA GPU (run them on the GPU machine: pytest -m gpu tests/gpu)")
-    from common.training.memory import KIMI_LLM_SEQ, kimi_audio_profile
+    from common.families.kimi_audio.profile import KIMI_LLM_SEQ, kimi_audio_profile
 
     profile = kimi_audio_profile(llm_layers=layers)
     lora = LoraSpec(targets=profile.default_lora_targets) if mode == "lora" else None

@@ -33,7 +33,7 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from common.training.memory import profile_from_hf_config  # noqa: E402
+from common.families.whisper.profile import profile_from_hf_config  # noqa: E402
 from common.training.planner import detect_resources, plan, training_arguments  # noqa: E402
 
 # small Whisper: d_model 256, 4 + 4 layers; 200 mel frames (max_source_positions 100) keep steps fast

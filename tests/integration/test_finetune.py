@@ -77,6 +77,13 @@ def write_clips(folder: Path, n: int) -> Path:
     return folder
 
 
+def tiny_pretrained(ctx) -> dict:
+    """A stand-in pretrained stage: a tiny random Whisper and the provenance that names its family."""
+    save_tiny_whisper(ctx.out / "model")
+    (ctx.out / "provenance.json").write_text(json.dumps({"family": "whisper", "ref": "tiny"}))
+    return {}
+
+
 def prepared_run(root: Path, n_clips: int, run_id: str, extract_epochs: int | None = None) -> tuple[Path, list[str]]:
     """``root/runs`` with completed prepare and pretrained (tiny random Whisper) stages of ``run_id`` (+ extract
     when ``extract_epochs`` is given) → (artifacts folder, the common CLI flags of that run)."""
@@ -89,7 +96,7 @@ def prepared_run(root: Path, n_clips: int, run_id: str, extract_epochs: int | No
     assert prepare_main([*common, "--train-csv", str(data / "train.csv"), "--audio-dir", str(data / "audio"),
                          "--test-ratio", str(N_TEST / n_clips)]) == 0
     stand_in = load_settings(PretrainedStandIn, {"artifacts": str(artifacts), "run_id": run_id})
-    assert run_stage("pretrained", stand_in, {"model": "tiny"}, lambda ctx: save_tiny_whisper(ctx.out / "model")) == 0
+    assert run_stage("pretrained", stand_in, {"model": "tiny"}, tiny_pretrained) == 0
     if extract_epochs is not None:
         assert extract_main([*common, "--epochs", str(extract_epochs)]) == 0
     return artifacts, common
@@ -158,8 +165,9 @@ def test_finetune_plan_checkpoints_final(run_dirs):
     assert 1 <= values["save_steps"] <= values["max_steps"]
     assert values["eval_holdout"] == 0 and values["eval_strategy"] == "no"
     assert values["device"] == "cpu" and values["precision"] == "fp32" and values["mode"] == "lora"
-    assert plan["finetune"]["frozen_encoder_layers"] == 1 and plan["finetune"]["encoder_cache"] is True
-    assert plan["finetune"]["train_context_seconds"] == pytest.approx(2.76)  # longest clip 1.75 s + 1 s, even
+    assert values["frozen_encoder_layers"] == 1 and values["encoder_cache"] is True
+    assert values["train_context_seconds"] == pytest.approx(2.76)  # longest clip 1.75 s + 1 s, even
+    assert values["log_mel_source"] == "extract cache" and values["fast_path"] is False  # the stage's decisions too
     steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
     assert steps and steps[-1] == 12
     state = read_state(out)
@@ -198,7 +206,7 @@ def test_packed_windows(run_dirs):
     assert main(finetune_args(common, "--epochs", "2", "--pack-clips", "3", "--force")) == 0
     plan = json.loads((out / "plan.json").read_text())
     values = {d["name"]: d["value"] for d in plan["decisions"]}
-    assert plan["finetune"]["pack_clips"] == 3 and plan["finetune"]["encoder_cache"] is False
+    assert values["pack_clips"] == 3 and values["encoder_cache"] is False
     assert values["max_steps"] == 4  # ceil(8 clips / 3) = 3 windows -> 2 batches of 2 per epoch x 2 epochs
     assert read_state(out)["global_step"] == 4
     assert (out / "final" / "model.safetensors").is_file()
@@ -263,7 +271,7 @@ def tiny_model(tmp_path_factory):
 def test_frozen_bottom_then_top_is_the_encoder(tiny_model, k):
     import torch
 
-    from common.training.train import encode_bottom, encode_top
+    from common.families.whisper.trainee import encode_bottom, encode_top
 
     model = tiny_model()
     x = torch.randn(2, 80, 3000)
@@ -285,7 +293,12 @@ def test_frozen_bottom_then_top_is_the_encoder(tiny_model, k):
     ],
 )
 def test_modes_freeze_what_they_say(tiny_model, mode, frozen, parts, n_targets, cacheable):
-    from common.training.train import ModeSpec, frozen_bottom_cacheable, lora_target_names, make_trainee
+    from common.families.whisper.trainee import (
+        ModeSpec,
+        frozen_bottom_cacheable,
+        lora_target_names,
+        make_trainee,
+    )
 
     model = tiny_model()
     spec = ModeSpec(mode=mode, frozen_encoder_layers=frozen, lora_r=2, lora_parts=parts or ("encoder", "decoder"))
@@ -311,7 +324,7 @@ def test_modes_freeze_what_they_say(tiny_model, mode, frozen, parts, n_targets, 
     ],
 )
 def test_encoder_cache_decision(policy, cacheable, epochs, free_gb, expected):
-    from common.training.train import cache_pays
+    from common.families.whisper.trainee import cache_pays
 
     decided, reason = cache_pays(policy, cacheable, epochs, 200, 1500 * 512 * 4, int(free_gb * 1e9))
     assert decided is expected and reason

@@ -48,9 +48,10 @@ def test_two_gloo_workers_train_through_the_stage(run_dirs, capfd):
     plan = json.loads((out / "plan.json").read_text())
     values = {d["name"]: d["value"] for d in plan["decisions"]}
     assert values["world_size"] == 2 and values["max_steps"] == MAX_STEPS and values["device"] == "cpu"
-    assert plan["finetune"]["world_size"] == 2 and plan["finetune"]["fast_path"] is False
-    assert plan["finetune"]["launcher"] == {"processes": 2, "backend": "gloo", "launched_by_stage": True}
-    assert "2 worker processes started by this stage" in plan["finetune"]["reasons"]["processes"]
+    reasons = {d["name"]: d["reason"] for d in plan["decisions"]}
+    assert values["world_size"] == 2 and values["fast_path"] is False
+    assert values["processes"] == {"processes": 2, "backend": "gloo", "launched_by_stage": True}
+    assert "2 worker processes started by this stage" in reasons["processes"]
 
     summary = json.loads((out / MANIFEST).read_text())["summary"]
     assert summary["world_size"] == 2 and summary["global_step"] == MAX_STEPS

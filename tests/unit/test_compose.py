@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from common.core.settings import S3Settings
 from common.executors import compose
 from common.executors.compose import (
     ComposeSettings,
@@ -28,7 +29,6 @@ from common.executors.compose import (
     service_order,
 )
 from common.executors.pipeline import common_env, demo_config_path, load_pipeline, section_env, steps_of
-from common.core.settings import S3Settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from common.families.whisper.profile import forward_flops as whisper_forward_flops
 from common.training.fast_train import (
     IGNORE_INDEX,
     FastOptions,
@@ -20,7 +21,6 @@ from common.training.fast_train import (
     kernel_kind,
     last_checkpoint,
     train_fast,
-    whisper_forward_flops,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,7 +157,7 @@ class _Clips:
 def _trainee(seed: int = 0):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from common.training.train import ModeSpec, make_trainee
+    from common.families.whisper.trainee import ModeSpec, make_trainee
 
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(WhisperConfig(**TINY))
@@ -167,7 +167,7 @@ def _trainee(seed: int = 0):
 def _plan(n_train: int, steps: int, save_steps: int):
     from transformers import WhisperConfig
 
-    from common.training.memory import profile_from_hf_config
+    from common.families.whisper.profile import profile_from_hf_config
     from common.training.planner import Resources, plan
 
     resources = Resources(gpus=0, host_ram_bytes=16 * 2**30, cpu_count=2)
@@ -183,13 +183,13 @@ def test_train_fast_checkpoints_reload_as_fp32_and_resume_exactly(tmp_path) -> N
 
     data = _Clips(12, TINY["num_mel_bins"], 2 * TINY["max_source_positions"])
     the_plan = _plan(len(data), steps=4, save_steps=2)
-    assert not fast_path_applies(the_plan)[0]  # CPU plan: the stage keeps the Trainer; the loop itself runs anywhere
+    assert not fast_path_applies(the_plan.schedule)[0]  # CPU plan: the stage keeps the Trainer; the loop itself runs anywhere
     collate = WhisperCollator(TINY["pad_token_id"])
     options = FastOptions(progress=False, seed=3)
 
     model, trainee = _trainee()
     seen: list[str] = []
-    result = train_fast(trainee, data, collate, the_plan, tmp_path / "a", on_checkpoint=lambda p: seen.append(p.name),
+    result = train_fast(trainee, data, collate, the_plan.schedule, tmp_path / "a", on_checkpoint=lambda p: seen.append(p.name),
                         options=options)
     assert result["global_step"] == 4 and seen == ["checkpoint-2", "checkpoint-4"] == result["checkpoints"]
     assert all(math.isfinite(h["loss"]) for h in result["log_history"] if "loss" in h)
@@ -204,7 +204,7 @@ def test_train_fast_checkpoints_reload_as_fp32_and_resume_exactly(tmp_path) -> N
         assert torch.equal(p, trained[n]), n
 
     model2, trainee2 = _trainee(seed=99)  # other initial weights: everything must come from the checkpoint
-    resumed = train_fast(trainee2, data, collate, the_plan, tmp_path / "b",
+    resumed = train_fast(trainee2, data, collate, the_plan.schedule, tmp_path / "b",
                          resume_from=tmp_path / "a" / "checkpoint-2", options=options)
     assert resumed["resumed_from"] == "checkpoint-2" and resumed["global_step"] == 4
     for n, p in model2.named_parameters():

@@ -18,8 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from common.executors.pipeline import demo_config_path, load_pipeline, steps_of
 from common.core.settings import COMMON_FIELDS, StageSettings, load_settings
+from common.executors.pipeline import demo_config_path, load_pipeline, steps_of
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "asr-ft"

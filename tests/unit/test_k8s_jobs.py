@@ -16,6 +16,9 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
+from common.core.settings import S3Settings, SettingsError, load_settings
+from common.core.stage import MANIFEST, code_version
+from common.core.store import LocalStore
 from common.executors import k8s as k8s_mod
 from common.executors.k8s import (
     ANNOTATION_RESOURCES,
@@ -28,9 +31,6 @@ from common.executors.k8s import (
     model_profile,
 )
 from common.executors.pipeline import load_pipeline, steps_of
-from common.core.settings import S3Settings, SettingsError, load_settings
-from common.core.stage import MANIFEST, code_version
-from common.core.store import LocalStore
 from jobs.run.__main__ import RunSettings, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,8 +167,7 @@ def test_training_job_takes_gpus_memory_and_shm_from_the_plan():
 
 def test_training_resources_come_from_the_planner(tmp_path):
     """finetune_resources runs common.training.planner with the model's real config and prepare's count from the store."""
-    from common.training import memory
-    from common.training import planner
+    from common.training import memory, planner
 
     pipeline, common, k8s = demo(**{"k8s.gpus": "1", "k8s.gpu_memory_gb": "80", "k8s.gpu_node_memory_gb": "125"})
     pipeline["finetune"] = {}  # planner defaults on both sides

@@ -12,22 +12,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperForConditionalGeneration  # noqa: E402
 from transformers.models.whisper.modeling_whisper import WhisperEncoder  # noqa: E402
 
-from common.training.memory import (  # noqa: E402
-    GB,
+from common.families.kimi_audio.profile import (  # noqa: E402
     KIMI_HEADS,
     KIMI_HIDDEN,
     KIMI_INTERMEDIATE,
     KIMI_KV_HEADS,
     KIMI_LAYERS,
     KIMI_VOCAB,
+    kimi_audio_profile,
+)
+from common.families.whisper.profile import profile_from_hf_config  # noqa: E402
+from common.training.memory import (  # noqa: E402
+    GB,
     STRATEGIES,
     LoraSpec,
     Setup,
     activation_bytes,
     estimate,
-    kimi_audio_profile,
     model_states_bytes,
-    profile_from_hf_config,
 )
 
 TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 3}

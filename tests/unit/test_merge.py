@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from common.training.train import interpolate_weights, merge_factors, part_of  # noqa: E402
+from common.families.whisper.trainee import part_of  # noqa: E402
+from common.training.merge import interpolate_weights, merge_factors  # noqa: E402
 
 
 def tiny_whisper():
@@ -40,7 +41,7 @@ def test_part_of(name, part):
     (1.0, None, 0.0, {"encoder": 1.0, "decoder": 0.0}),
 ])
 def test_merge_factors(alpha, enc, dec, want):
-    assert merge_factors(alpha, enc, dec) == want
+    assert merge_factors(alpha, encoder=enc, decoder=dec) == want
 
 
 @pytest.mark.parametrize("factors", [{"encoder": 0.5, "decoder": 0.0}, {"encoder": 1.0, "decoder": 0.25}, 0.4])
@@ -54,7 +55,7 @@ def test_interpolate_per_part(tmp_path, factors):
             p.add_(torch.full_like(p, 0.5))
     tuned = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    changed = interpolate_weights(model, tmp_path, factors)
+    changed = interpolate_weights(model, tmp_path, factors, part_of)
 
     f = factors if isinstance(factors, dict) else {"encoder": factors, "decoder": factors}
     expect_changed = 0
@@ -67,7 +68,7 @@ def test_interpolate_per_part(tmp_path, factors):
 
 
 def test_interpolate_needs_pretrained_safetensors(tmp_path):
-    from common.training.train import TrainError
+    from common.training.trainer import TrainError
 
     with pytest.raises(TrainError, match="safetensors"):
-        interpolate_weights(tiny_whisper(), tmp_path, 0.5)
+        interpolate_weights(tiny_whisper(), tmp_path, 0.5, part_of)

@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from common.core.models import (
-    ModelRef,
-    ModelRefError,
-    check_family,
-    fetch_model,
-    folder_format,
-    parse_model_ref,
-)
+from common.core.models import ModelRef, ModelRefError, fetch_model, parse_model_ref
 from common.core.settings import SettingsError, load_settings
 from common.core.stage import StageFailed
+from common.families.whisper.model import check_model_type, folder_format, inference_folder
 from jobs.evaluate import EvaluateSettings, parse_model_arg
 from jobs.pretrained import PretrainedSettings
 
@@ -62,31 +56,39 @@ def test_bad_refs_say_what_is_accepted(ref: str, message: str) -> None:
         parse_model_ref(ref)
     assert message in str(err.value)
     if "unsupported" in message or "empty" in message:
-        assert "bundled:whisper-base, hf://org/name" in str(err.value)  # the accepted forms are listed
+        assert "bundled:NAME, hf://org/name" in str(err.value)  # the accepted forms are listed
 
 
 @pytest.mark.parametrize(
-    "ref", ["hf://moonshotai/Kimi-Audio-7B-Instruct", "bundled:kimi-audio", "/models/kimia-7b"],
+    ("argv", "message"),
+    [
+        ({"family": "kimi-audio"}, "unknown model family 'kimi-audio'; known: whisper"),
+        ({"model": "bundled:kimi-audio"}, "unknown bundled model 'kimi-audio'"),
+        ({"model": "bundled:whisper-base", "family": "toy"}, "unknown model family 'toy'"),
+    ],
 )
-def test_kimi_audio_is_refused_with_a_pointer(ref: str) -> None:
-    with pytest.raises(StageFailed) as err:
-        check_family(parse_model_ref(ref))
-    assert "not supported by this stage yet" in str(err.value)
-    assert "bundled:whisper-base" in str(err.value)  # what to use instead
-    assert err.value.exit_code == 2
+def test_unknown_families_are_refused_before_any_work(argv: dict, message: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(PretrainedSettings, argv)
+    assert message in str(err.value)
+
+
+def test_the_family_is_chosen_not_guessed() -> None:
+    """A reference's name never decides the family: --family does (default whisper), a bundled model names its own."""
+    assert load_settings(PretrainedSettings, {"model": "/models/kimia-7b"}).resolved_family == "whisper"
+    assert load_settings(PretrainedSettings, {"model": "bundled:whisper-base"}).resolved_family == "whisper"
 
 
 @pytest.mark.parametrize(
     ("model_type", "ok"), [(None, True), ("whisper", True), ("kimi_audio", False), ("wav2vec2", False)],
 )
-def test_family_from_config(model_type: str | None, ok: bool) -> None:
-    ref = parse_model_ref("/models/x")
-    config = {} if model_type is None else {"model_type": model_type}
+def test_whisper_family_checks_the_architecture(tmp_path: Path, model_type: str | None, ok: bool) -> None:
+    folder = _touch(tmp_path / "m", {"config.json": {} if model_type is None else {"model_type": model_type}})
     if ok:
-        assert check_family(ref, config) == "whisper"
+        check_model_type(folder)
     else:
-        with pytest.raises(StageFailed):
-            check_family(ref, config)
+        with pytest.raises(StageFailed, match="--family"):
+            check_model_type(folder)
 
 
 def _touch(folder: Path, files: dict[str, object]) -> Path:
@@ -129,7 +131,7 @@ def test_missing_local_folder_suggests_the_hub_form(tmp_path: Path, monkeypatch:
 def test_folder_without_a_model_lists_what_it_has(tmp_path: Path) -> None:
     folder = _touch(tmp_path / "m", {"notes.txt": "hello", "config.json": HF_CONFIG})
     with pytest.raises(StageFailed) as err:
-        fetch_model(str(folder))
+        inference_folder(fetch_model(str(folder))[0], prefer="hf")
     assert "neither a Hugging Face model" in str(err.value) and "notes.txt" in str(err.value)
 
 

@@ -14,7 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import WhisperConfig  # noqa: E402
 
-from common.training.memory import GB, GiB, kimi_audio_profile, profile_from_hf_config  # noqa: E402
+from common.families.kimi_audio.profile import kimi_audio_profile
+from common.families.whisper.profile import profile_from_hf_config
+from common.training.memory import GB, GiB  # noqa: E402
 from common.training.planner import (  # noqa: E402
     DECISIONS,
     Plan,

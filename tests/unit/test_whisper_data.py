@@ -15,9 +15,9 @@ from common.families.whisper.data import (
     N_FRAMES,
     FeatureSource,
     WhisperCollator,
+    cache_bytes,
     cache_matches,
     context_frames,
-    decide_cache,
     feature_extractor_for,
     log_mel,
     make_examples,
@@ -26,6 +26,7 @@ from common.families.whisper.data import (
     write_feature_cache,
     write_features_meta,
 )
+from jobs.extract import decide_cache
 
 SR = 16_000
 
@@ -94,7 +95,7 @@ def test_collator_pads_inputs_and_masks_labels():
     ],
 )
 def test_cache_decision(policy, n_clips, reuse, max_gb, expected):
-    decided, reason = decide_cache(policy, n_clips, 80, reuse, max_gb)
+    decided, reason = decide_cache(policy, n_clips, cache_bytes(1, 80), reuse, max_gb)
     assert decided is expected and reason
 
 

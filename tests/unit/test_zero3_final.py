@@ -17,20 +17,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.training.planner import Resources, plan
 from common.core.settings import environment
 from common.core.stage import StageFailed
-from common.training.train import (
-    CHECKPOINT_FILES,
-    ModeSpec,
-    TrainError,
-    load_trained_weights,
-    make_trainee,
-    merged_whisper,
-    save_final,
-    trainee_from_zero_checkpoint,
-)
-from jobs.finetune import (
+from common.families.whisper.trainee import ModeSpec, make_trainee, merged_whisper, save_final
+from common.training.checkpoints import REQUIRED
+from common.training.planner import Resources, plan
+from common.training.trainer import TrainError, load_trained_weights
+from jobs.finetune.loops import (
     CHECKPOINTS,
     FINAL_FROM_MODULE,
     FINAL_FROM_ZERO,
@@ -52,7 +45,7 @@ STEP = 6
 def tiny_plan(gpus: int, **overrides):
     from transformers import WhisperConfig
 
-    from common.training.memory import profile_from_hf_config
+    from common.families.whisper.profile import profile_from_hf_config
 
     resources = Resources(gpus=gpus, gpu_mem_bytes=80 * GB if gpus else 0, host_ram_bytes=125 * GB, cpu_count=16,
                           bf16_supported=gpus > 0)
@@ -124,6 +117,20 @@ def pretrained(tmp_path_factory) -> Path:
     return folder
 
 
+def family_of(spec: ModeSpec) -> SimpleNamespace:
+    """A model family whose trainee is the Whisper trainee of ``spec`` (what the stage rebuilds for final/)."""
+    from transformers import WhisperForConditionalGeneration
+
+    def trainee(model_dir, plan, settings):
+        return make_trainee(WhisperForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32), spec)
+
+    return SimpleNamespace(trainee=trainee)
+
+
+def stage_ctx(out: Path) -> SimpleNamespace:
+    return SimpleNamespace(out=out, settings=SimpleNamespace(model_dump=dict))
+
+
 def trained_trainee(pretrained: Path, spec: ModeSpec):
     """A trainee as training leaves it: every trainable weight moved from its pretrained value."""
     from transformers import WhisperForConditionalGeneration
@@ -180,7 +187,7 @@ def write_zero3_checkpoint(trainee, folder: Path, world_size: int) -> Path:
         torch.save({OPTIMIZER_STATE_DICT: {ZERO_STAGE: 3, PARTITION_COUNT: world_size, FP32_FLAT_GROUPS: [flat]}},
                    shards / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     (folder / "latest").write_text(tag)
-    for name in CHECKPOINT_FILES:  # the stage's own files: what makes the checkpoint complete for resume
+    for name in REQUIRED["trainer"]:  # the stage's own files: what makes the checkpoint complete for resume
         (folder / name).write_text("{}")
     return folder
 
@@ -197,7 +204,7 @@ def test_final_holds_the_fp32_masters_of_the_zero3_checkpoint(tmp_path, pretrain
     reference = trained_trainee(pretrained, spec)
     write_zero3_checkpoint(reference, tmp_path / CHECKPOINTS / f"checkpoint-{STEP}", world_size)
 
-    fresh = final_trainee_from_zero(SimpleNamespace(out=tmp_path), pretrained, spec, STEP)
+    fresh = final_trainee_from_zero(stage_ctx(tmp_path), family_of(spec), pretrained, None, STEP)
     ref_params = dict(reference.named_parameters())
     base = WhisperForConditionalGeneration.from_pretrained(pretrained).state_dict()
     for name, p in fresh.named_parameters():
@@ -224,9 +231,11 @@ def test_final_holds_the_fp32_masters_of_the_zero3_checkpoint(tmp_path, pretrain
 
 
 def test_checkpoint_of_another_mode_is_refused(tmp_path, pretrained):
-    checkpoint = write_zero3_checkpoint(trained_trainee(pretrained, ModeSpec(mode="full")), tmp_path / "c", 1)
-    with pytest.raises(TrainError, match="do not fit this model/mode"):
-        trainee_from_zero_checkpoint(checkpoint, pretrained, ModeSpec(mode="lora", lora_r=2))
+    write_zero3_checkpoint(trained_trainee(pretrained, ModeSpec(mode="full")),
+                           tmp_path / CHECKPOINTS / f"checkpoint-{STEP}", 1)
+    with pytest.raises(StageFailed, match="do not fit this model/mode"):
+        final_trainee_from_zero(stage_ctx(tmp_path), family_of(ModeSpec(mode="lora", lora_r=2)), pretrained, None,
+                                STEP)
 
 
 def test_load_trained_weights_refuses_a_wrong_shape(pretrained):
@@ -242,4 +251,5 @@ def test_final_needs_the_checkpoint_of_the_last_step(tmp_path, pretrained, globa
     write_zero3_checkpoint(trained_trainee(pretrained, ModeSpec(mode="full")),
                            tmp_path / CHECKPOINTS / f"checkpoint-{STEP}", 1)
     with pytest.raises(StageFailed, match=f"checkpoint-{global_step}"):
-        final_trainee_from_zero(SimpleNamespace(out=tmp_path), pretrained, ModeSpec(mode="full"), global_step)
+        final_trainee_from_zero(stage_ctx(tmp_path), family_of(ModeSpec(mode="full")), pretrained, None,
+                                global_step)

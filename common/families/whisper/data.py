@@ -35,27 +35,29 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from common.families.whisper.conventions import (
+    CHUNK_SECONDS,
+    ENCODER_FRAMES,
+    EOT_TOKEN,
+    HOP_LENGTH,
+    IGNORE_INDEX,
+    MAX_TARGET_POSITIONS,
+    N_FRAMES,
+    N_MELS,
+    N_SAMPLES,
+    PROMPT_TOKENS,
+    SAMPLE_RATE,
+)
+
 # common.core.records / common.core.store / common.core.audio are imported where used: training code (datasets, collator,
 # targets) then runs on a bare GPU image with torch + transformers only.
 
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000  # Hz, Whisper's input rate
-CHUNK_SECONDS = 30  # Whisper's fixed window
-N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000
-HOP_LENGTH = 160  # 10 ms
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
-ENCODER_FRAMES = N_FRAMES // 2  # 1500: the encoder's second convolution has stride 2
-MAX_TARGET_POSITIONS = 448  # decoder context of every OpenAI Whisper
 CACHE_DTYPE = np.float16  # log-mel values lie in [-1.5, 1.5] after Whisper's scaling: fp16 keeps ~3 decimals
 SHARD_ROWS = 256  # clips per cache shard: 256 * 80 * 3000 * 2 B ≈ 123 MB (large enough, still mmap-friendly)
 FEATURES_META = "features.json"
-
-# The Chinese transcription prompt, the same in training labels and in decoding (generation config).
-PROMPT_TOKENS = ("<|startoftranscript|>", "<|zh|>", "<|transcribe|>", "<|notimestamps|>")
-EOT_TOKEN = "<|endoftext|>"
-IGNORE_INDEX = -100  # positions the loss skips (torch cross-entropy's default ignore_index)
 
 # Parameters of a feature extractor that change the features (compared between extract and finetune).
 FEATURE_KEYS = ("feature_size", "sampling_rate", "hop_length", "n_fft", "chunk_length", "n_samples", "padding_value")
@@ -68,13 +70,25 @@ class FeatureError(ValueError):
 # --- features ------------------------------------------------------------------------------------------
 
 
-def feature_extractor_for(model_dir: Path | None, n_mels: int = 80):
-    """The model's WhisperFeatureExtractor (preprocessor_config.json), or Whisper's default one with n_mels."""
+def feature_extractor_for(folder: Path | None, n_mels: int | None = None):
+    """The folder's WhisperFeatureExtractor (preprocessor_config.json or processor_config.json); else (no
+    folder, or CTranslate2 folders made by other tools, which lack the file) Whisper's standard one with
+    ``n_mels`` bins."""
     from transformers import WhisperFeatureExtractor
 
-    if model_dir is not None and (Path(model_dir) / "preprocessor_config.json").is_file():
-        return WhisperFeatureExtractor.from_pretrained(str(model_dir))
-    return WhisperFeatureExtractor(feature_size=n_mels)
+    folder = Path(folder) if folder is not None else None
+    if folder is not None and ((folder / "preprocessor_config.json").is_file()
+                               or (folder / "processor_config.json").is_file()):
+        fe = WhisperFeatureExtractor.from_pretrained(folder, local_files_only=True)
+        if n_mels is not None and fe.feature_size != n_mels:
+            raise ValueError(f"{folder}: the feature extractor makes {fe.feature_size} mel bins but the model "
+                             f"expects {n_mels}; the folder mixes files of two models")
+        return fe
+    if folder is not None:
+        log.info("%s has no preprocessor_config.json: using Whisper's standard feature extractor (%s mel bins)",
+                 folder, n_mels or N_MELS)
+    return WhisperFeatureExtractor(feature_size=n_mels or N_MELS, sampling_rate=SAMPLE_RATE)
+
 
 
 def feature_params(fe) -> dict[str, Any]:
@@ -109,24 +123,6 @@ def record_mel(rec: dict, run_dir: Path, fe) -> np.ndarray:
 
 def cache_bytes(n_clips: int, n_mels: int) -> int:
     return n_clips * n_mels * N_FRAMES * np.dtype(CACHE_DTYPE).itemsize
-
-
-def decide_cache(policy: str, n_clips: int, n_mels: int, reuse: int, max_gb: float) -> tuple[bool, str]:
-    """Whether caching log-mel features pays: (decision, reason to log and record).
-
-    Computing one clip's features costs ~20-80 ms of CPU; reading a cached row costs <1 ms. The cache is
-    worth its disk when every clip is read ``reuse`` >= 2 times (epochs) and it fits ``max_gb``.
-    """
-    size_gb = cache_bytes(n_clips, n_mels) / 1e9
-    if policy == "always":
-        return True, f"cache=always ({size_gb:.2f} GB)"
-    if policy == "never":
-        return False, "cache=never: finetune computes features from the audio"
-    if reuse < 2:
-        return False, f"auto: each clip is read {reuse}x (epochs), so caching saves no computation"
-    if size_gb > max_gb:
-        return False, f"auto: the cache would take {size_gb:.1f} GB > max_cache_gb {max_gb:g}; computing on the fly"
-    return True, f"auto: each clip is read {reuse}x (epochs); cache of {size_gb:.2f} GB ≤ max_cache_gb {max_gb:g}"
 
 
 def write_feature_cache(
@@ -277,7 +273,7 @@ class WhisperDataset:
     """Map-style dataset of {"input_features" | "encoder_hidden", "decoder_input_ids", "labels"}.
 
     ``inputs(i)`` gives the encoder-side tensor of example i: a log-mel (float32 n_mels x frames) from a
-    FeatureSource, or the cached output of the frozen bottom of the encoder (see common.training.train)."""
+    FeatureSource, or the cached output of the frozen bottom of the encoder (see common.families.whisper.trainee)."""
 
     def __init__(self, examples: Sequence[Example], inputs, input_key: str = "input_features"):
         self.examples = list(examples)

@@ -1,12 +1,10 @@
-"""Whisper fine-tuning glue around the Hugging Face Trainer: what trains, what is cached, checkpoints, resume.
+"""What trains when a Whisper model is fine-tuned: the trainee module, its frozen and LoRA parts, final/.
 
     model, tokenizer, fe = load_whisper(model_dir)
     spec = ModeSpec(mode="lora", frozen_encoder_layers=3, lora_r=32)
-    trainee = make_trainee(model, spec)                 # freezes / adds LoRA; a module the Trainer can train
+    trainee = make_trainee(model, spec)                 # freezes / adds LoRA; a module either loop can train
     cache = encode_frozen(trainee, mels)                # once per clip: output of the frozen encoder bottom
-    trainer = make_trainer(trainee, args, dataset, collator, on_save=ctx.sync)
-    trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
-    save_final(trainee, final_dir, tokenizer, fe, pretrained_dir, merge_alpha=1.0)
+    save_final(trainee, final_dir, tokenizer, fe, pretrained_dir, merge_alpha={"encoder": 0.8, "decoder": 0.5})
 
 What trains (``ModeSpec``):
 
@@ -22,41 +20,33 @@ encoder is most of the compute on 30-s windows (each layer ≈ 14 GFLOP per clip
 ≈ 11 GFLOP for the whole decoder on a short sentence), so with 3 of 6 layers frozen an epoch costs about half.
 The result is the same function the full model computes: evaluation decodes the unchanged 30-s input.
 
-Checkpoints hold only the trainable tensors (``trainable.safetensors``; for LoRA a few MB) plus the
-Trainer's optimizer, scheduler, RNG and ``trainer_state.json``: enough to resume. ``final/`` is a plain
-``WhisperForConditionalGeneration`` folder (LoRA merged), so export and inference need no peft.
+``final/`` is a plain ``WhisperForConditionalGeneration`` folder (LoRA merged, optionally pulled back toward
+the pretrained weights per part: encoder / decoder), so export and inference need no peft.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
-import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.core.files import atomic_dir
+from common.families.whisper.conventions import LANGUAGE, TASK
+from common.training.merge import interpolate_weights, merge_factors
+from common.training.trainer import TrainError, count_params
+
 log = logging.getLogger(__name__)
 
 MODES = ("full", "freeze-encoder", "lora")
+
+
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # attention + FFN linears
-TRAINABLE_WEIGHTS = "trainable.safetensors"  # what a checkpoint holds of the model
-TRAINEE_META = "trainee.json"  # the ModeSpec and tensor names a checkpoint was written with
-CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's folder naming: checkpoint-<global step>
-CHECKPOINT_FILES = (TRAINABLE_WEIGHTS, "trainer_state.json")  # a checkpoint without these is incomplete
-
-
-class TrainError(ValueError):
-    """Training cannot be set up as asked; the message says why and which setting to change."""
-
-
-# --- model ---------------------------------------------------------------------------------------------
 
 
 def load_whisper(model_dir: Path):
@@ -158,15 +148,6 @@ def bottom_modules(enc, k: int) -> list:
     return mods + [enc.layer_norm] if k == len(enc.layers) else mods
 
 
-def count_params(module) -> dict[str, int]:
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable}
-
-
-# --- the encoder split: frozen bottom (cacheable) and trainable top --------------------------------------
-
-
 def encode_bottom(enc, input_features, k: int):
     """Output of the conv front-end, positions and layers[:k] (and the final norm when k is all layers)."""
     import torch.nn.functional as F
@@ -209,6 +190,17 @@ def _trainee_class():
         @property
         def model(self):
             return self._whisper[0]
+
+        @property
+        def checkpoint_meta(self) -> dict[str, Any]:
+            """What a checkpoint records about how this trainee was built (trainee.json)."""
+            return {"spec": asdict(self.spec), "frozen_layers": self.frozen_layers}
+
+        def attention_shape(self, batch: int) -> tuple[int, int, int, int] | None:
+            """(batch, heads, frames, head dim) of the dominant attention (the encoder's self-attention): the
+            fast loop times the SDPA backends on it."""
+            cfg = self.model.config
+            return batch, cfg.encoder_attention_heads, cfg.max_source_positions, cfg.d_model // cfg.encoder_attention_heads
 
         def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
             """The Trainer calls this when the plan turns gradient checkpointing on (large models on GPU)."""
@@ -291,89 +283,6 @@ def cache_pays(policy: str, cacheable: bool, epochs: float, n_clips: int, bytes_
     return True, f"auto: {epochs:g} epochs reuse it; {size / 1e9:.2f} GB ≤ half the free RAM ({free_bytes / 1e9:.1f} GB)"
 
 
-# --- checkpoints ---------------------------------------------------------------------------------------
-
-
-def trainable_state(trainee) -> dict[str, Any]:
-    return {n: p.detach().contiguous().cpu() for n, p in trainee.named_parameters() if p.requires_grad}
-
-
-def save_trainable(trainee, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = trainable_state(trainee)
-    tmp = folder / f".{TRAINABLE_WEIGHTS}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(folder / TRAINABLE_WEIGHTS)
-    meta = {"spec": asdict(trainee.spec), "frozen_layers": trainee.frozen_layers, "tensors": sorted(state)}
-    (folder / TRAINEE_META).write_text(json.dumps(meta, indent=1))
-
-
-def load_trainable(trainee, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(folder / TRAINABLE_WEIGHTS))
-    own = dict(trainee.named_parameters())
-    missing = sorted(n for n, p in own.items() if p.requires_grad and n not in state)
-    unknown = sorted(n for n in state if n not in own)
-    if missing or unknown:
-        raise TrainError(
-            f"checkpoint {folder} does not fit this model/mode (missing {missing[:3]}…, unknown {unknown[:3]}…); "
-            "remove the checkpoints folder or run with --force to start over"
-        )
-    import torch
-
-    with torch.no_grad():
-        for n, t in state.items():
-            own[n].copy_(t)
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):])
-
-
-def last_checkpoint(folder: Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``folder`` (incomplete ones are skipped, logged)."""
-    if not folder.is_dir():
-        return None
-    found = sorted((p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
-                   key=checkpoint_step, reverse=True)
-    for path in found:
-        if all((path / f).is_file() for f in CHECKPOINT_FILES):
-            return path
-        log.warning("ignoring incomplete checkpoint %s (interrupted while saving)", path)
-    return None
-
-
-def make_trainer(trainee, args, train_dataset, collator, on_save: Callable[[], None] | None = None,
-                 eval_dataset=None, callbacks: Sequence = ()):
-    """A Trainer that checkpoints only trainable tensors and calls ``on_save`` (e.g. ctx.sync) after each save."""
-    from transformers import Trainer, TrainerCallback
-
-    class _SyncAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if on_save is not None:
-                on_save()
-
-    class _Trainer(Trainer):
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            if self.args.should_save:
-                save_trainable(self.model, Path(output_dir or self.args.output_dir))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            load_trainable(model or self.model, Path(resume_from_checkpoint))
-            log.info("resumed weights from %s", resume_from_checkpoint)
-
-    return _Trainer(
-        model=trainee, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collator,
-        callbacks=[_SyncAfterSave(), *callbacks],
-    )
-
-
-# --- the final model -----------------------------------------------------------------------------------
-
-
 def merged_whisper(trainee):
     """A plain WhisperForConditionalGeneration with the trained weights (LoRA merged into the base weights)."""
     owner = trainee.owner
@@ -388,41 +297,11 @@ def part_of(name: str) -> str:
     return "encoder" if ".encoder." in f".{name}" else "decoder"
 
 
-def merge_factors(alpha: float, encoder: float | None = None, decoder: float | None = None) -> dict[str, float]:
-    """Per-part WiSE-FT factors: each part's own value when given, else ``alpha``."""
-    return {"encoder": alpha if encoder is None else encoder, "decoder": alpha if decoder is None else decoder}
-
-
-def interpolate_weights(model, pretrained_dir: Path, alpha: float | Mapping[str, float]) -> int:
-    """WiSE-FT: θ ← θ_pre + α·(θ_ft − θ_pre), in place; α per part ({"encoder": a, "decoder": b}) or one for all.
-    α=1 keeps the fine-tuned weights, 0 the pretrained. Returns how many tensors were interpolated."""
-    import torch
-    from safetensors.torch import load_file
-
-    factors = alpha if isinstance(alpha, Mapping) else merge_factors(float(alpha))
-    files = sorted(Path(pretrained_dir).glob("*.safetensors"))
-    if not files:
-        raise TrainError(f"merge factors {dict(factors)} need the pretrained weights as safetensors in "
-                         f"{pretrained_dir}")
-    pre: dict[str, Any] = {}
-    for f in files:
-        pre.update(load_file(str(f)))
-    done = 0
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            a = factors[part_of(name)]
-            if name in pre and a != 1.0:
-                ref = pre[name].to(p.dtype)
-                p.copy_(ref + a * (p - ref))
-                done += 1
-    return done
-
-
 def set_zh_generation(model, tokenizer) -> None:
     """Decode as trained: <|startoftranscript|><|zh|><|transcribe|><|notimestamps|>, greedy by default."""
     gc = model.generation_config
-    gc.language = "zh"
-    gc.task = "transcribe"
+    gc.language = LANGUAGE
+    gc.task = TASK
     gc.forced_decoder_ids = None  # the language/task fields above set the prompt in current transformers
     gc.return_timestamps = False
     if getattr(gc, "is_multilingual", None) is None:
@@ -435,86 +314,15 @@ def save_final(trainee, out_dir: Path, tokenizer, fe, pretrained_dir: Path | Non
     """Write ``out_dir`` atomically: safetensors weights, config, generation config, tokenizer, feature extractor.
     ``merge_alpha`` (one factor, or one per part) pulls the weights back toward the pretrained ones (WiSE-FT)."""
     model = merged_whisper(trainee)
-    factors = dict(merge_alpha) if isinstance(merge_alpha, Mapping) else merge_factors(float(merge_alpha))
+    factors = dict(merge_alpha) if isinstance(merge_alpha, Mapping) else merge_factors(float(merge_alpha),
+                                                                                       encoder=None, decoder=None)
     if any(a != 1.0 for a in factors.values()):
         assert pretrained_dir is not None
-        interpolate_weights(model, pretrained_dir, factors)
+        interpolate_weights(model, pretrained_dir, factors, part_of)
     set_zh_generation(model, tokenizer)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    fe.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        fe.save_pretrained(str(tmp))
     return {"path": out_dir.name, "merge_alpha": factors, "params": sum(p.numel() for p in model.parameters())}
 
-
-def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
-    return max(1, math.ceil(math.ceil(n_examples / (batch_size * world_size)) / grad_accum))
-
-
-
-# --- the final model of a DeepSpeed run: the fp32 master weights of its last ZeRO checkpoint ----------------
-
-
-def load_trained_weights(trainee, weights: Mapping[str, Any]) -> list[str]:
-    """Copy the trainable parameters' values from ``weights`` (name → tensor, or a lazy tensor whose
-    ``.contiguous()`` gives one, as DeepSpeed's zero_to_fp32 returns) into ``trainee``, cast to each
-    parameter's dtype; frozen parameters and buffers keep their values. Returns the names copied.
-    Raises TrainError when the names or shapes do not match this trainee (another model or mode)."""
-    import torch
-
-    params = dict(trainee.named_parameters())  # a tied weight appears once, under its first name
-    wanted = [n for n, p in params.items() if p.requires_grad]
-    missing = [n for n in wanted if n not in weights]
-    unknown = sorted(set(weights) - set(trainee.state_dict()))  # the state dict also names tied aliases, buffers
-    if missing or unknown:
-        raise TrainError(
-            f"the trained weights do not fit this model/mode: {len(missing)} trainable parameters missing "
-            f"{missing[:3]}, {len(unknown)} unknown names {unknown[:3]}; they must come from a run of the same "
-            "pretrained model, mode and LoRA settings"
-        )
-    with torch.no_grad():
-        for name in wanted:
-            value = weights[name].contiguous()
-            if tuple(value.shape) != tuple(params[name].shape):
-                raise TrainError(f"trained weight {name} has shape {tuple(value.shape)}, this model's "
-                                 f"{tuple(params[name].shape)}: not a run of the same model")
-            params[name].copy_(value)
-            del value
-    return wanted
-
-
-def _leave_zero3_init() -> None:
-    """Models loaded from now on are plain ones: while the Trainer's DeepSpeed ZeRO-3 config is registered,
-    ``from_pretrained`` builds models partitioned (deepspeed.zero.Init), which needs every rank."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-    except ImportError:  # a transformers without the DeepSpeed integration registers nothing
-        return
-    if is_deepspeed_zero3_enabled():
-        unset_hf_deepspeed_config()
-
-
-def trainee_from_zero_checkpoint(checkpoint: Path, pretrained_dir: Path, spec: ModeSpec):
-    """A fresh trainee on the CPU, built from ``pretrained_dir`` as ``spec`` says, holding the fp32 master
-    weights of the DeepSpeed ZeRO-2/3 ``checkpoint`` of that training (its trainable parameters; the frozen
-    ones stay the exact fp32 pretrained values, where ZeRO holds only a 16-bit copy). One process, no GPU,
-    no collective: rank 0 alone calls it after training. For LoRA the checkpoint's adapters are loaded
-    (save_final merges them)."""
-    import torch
-    from transformers import WhisperForConditionalGeneration
-
-    from common.training.zero_export import zero_fp32_weights
-
-    _leave_zero3_init()
-    model = WhisperForConditionalGeneration.from_pretrained(str(pretrained_dir), torch_dtype=torch.float32)
-    trainee = make_trainee(model, spec)
-    t0 = time.perf_counter()
-    names = set(load_trained_weights(trainee, zero_fp32_weights(checkpoint)))
-    log.info("loaded the fp32 master weights of %d trained tensors (%d values) from the ZeRO checkpoint %s "
-             "in %.1f s", len(names), sum(p.numel() for n, p in trainee.named_parameters() if n in names),
-             checkpoint, time.perf_counter() - t0)
-    return trainee
