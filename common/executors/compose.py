@@ -41,9 +41,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, field_validator
 
-from common.executors.pipeline import common_env, load_pipeline, section_env
+from common.core.registry import gpu_steps
 from common.core.settings import ENV_PREFIX
 from common.core.stage import EXIT_BAD_INPUT, EXIT_OK, code_version
+from common.executors.pipeline import common_env, load_pipeline, section_env
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ UID = GID = 10001  # the images' fixed non-root user
 MOUNT_PATH = "/artifacts"  # the artifacts volume; ASRFT_ARTIFACTS and the working directory
 TMP_PATH = "/tmp"  # the only other writable path: the root filesystem is read-only
 CACHE_PATH = f"{TMP_PATH}/asr-ft-cache"  # ASRFT_CACHE
-GPU_STEPS = ("finetune",)  # steps that get the CUDA image and a GPU reservation
+GPU_STEPS = gpu_steps()  # steps that get the CUDA image and a GPU reservation
 GPU_SHM_SIZE = "2gb"  # /dev/shm of the training step (data loader workers); docker's default is 64 MB
 VOLUME = "artifacts"  # the named volume's key; compose names it <project>_artifacts
 DEFAULT_PROJECT = "asr-ft"

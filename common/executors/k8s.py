@@ -3,9 +3,10 @@
     asr-ft run --config pipeline.yaml --executor k8s [--namespace NS] [--dry-run]
 
 Each step runs ``asr-ft <step>`` in its own Job with the same environment contract as every other executor
-(``common_env(secrets=False)`` + ``section_env``; see common/executors/pipeline.py). S3 credentials reach the pods only
-through a Secret (``envFrom``), never as literal values. The artifacts live on a PersistentVolumeClaim mounted
-at ``/artifacts`` (then ``ASRFT_ARTIFACTS=/artifacts``) or in S3.
+(``common_env(secrets=False)`` + ``section_env``; see common/executors/pipeline.py). Each step's default CPU
+and memory come from the stage registry (common/core/registry.py). S3 credentials reach the pods only through
+a Secret (``envFrom``), never as literal values. The artifacts live on a PersistentVolumeClaim mounted at
+``/artifacts`` (then ``ASRFT_ARTIFACTS=/artifacts``) or in S3.
 
 Names and labels (k8s/README.md documents them for the chart and the plain manifests):
 
@@ -44,10 +45,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from common.executors.pipeline import common_env, env_value, section_env, yaml_section
+from common.core.registry import gpu_steps, pipeline_steps, stage
 from common.core.settings import ENV_PREFIX, SettingsError
 from common.core.stage import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, MANIFEST, code_version
 from common.core.store import LocalStore, Store, StoreError, open_store
+from common.executors.pipeline import common_env, env_value, section_env, yaml_section
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +70,14 @@ SHM_PATH = "/dev/shm"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # common/core/stage.py writes a failed stage's reason here
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 TAIL_LINES = 25  # log lines of a failed step shown again
-GPU_STAGES = ("finetune",)  # steps whose Job gets GPUs, the CUDA image and the plan's memory
-
-# CPU requests (no CPU limit: throttling slows a batch step without protecting anyone) and memory requests
-# (= limits) per step. Sized for whisper-base and a few thousand utterances; override with k8s.cpu / k8s.memory.
-DEFAULT_CPU = {"demo-data": "2", "prepare": "1", "extract": "2", "pretrained": "1", "finetune": "4",
-               "export": "2", "evaluate": "2"}
-DEFAULT_MEMORY = {"demo-data": "2Gi", "prepare": "2Gi", "extract": "4Gi", "pretrained": "4Gi", "finetune": "16Gi",
-                  "export": "4Gi", "evaluate": "6Gi"}
+GPU_STAGES = gpu_steps()  # steps whose Job gets GPUs, the CUDA image and the plan's memory
+# Each step's default CPU and memory request: the stage registry's (common/core/registry.py).
 DEFAULT_GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # set by NVIDIA GPU feature discovery
 DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 DEFAULT_N_TRAIN = 1000  # training utterances assumed for the plan when prepare's stats.json cannot be read
 DEFAULT_MODEL_REF = "bundled:whisper-base"
 
 _QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
-_STEPS = tuple(DEFAULT_CPU)
 
 
 class K8sError(Exception):
@@ -130,7 +125,7 @@ class K8sSettings(BaseModel):
     gpu_tolerations: list[dict[str, Any]] = Field(default_factory=lambda: [dict(t) for t in DEFAULT_GPU_TOLERATIONS],
                                                   description="tolerations of the finetune Job (JSON list)")
     cpu: dict[str, str] = Field(default_factory=dict, description="CPU request per step over the defaults "
-                                f"{DEFAULT_CPU}", examples=['{"evaluate": "8"}'])
+                                + str({s: stage(s).cpu for s in pipeline_steps()}), examples=['{"evaluate": "8"}'])
     memory: dict[str, str] = Field(default_factory=dict, description="memory request = limit per step over the "
                                    "defaults (finetune: the plan's)", examples=['{"evaluate": "12Gi"}'])
     tmp_size: str | None = Field(None, description="sizeLimit of the /tmp emptyDir (holds ASRFT_CACHE)",
@@ -161,8 +156,8 @@ class K8sSettings(BaseModel):
     @classmethod
     def _check_per_step(cls, value: dict[str, str]) -> dict[str, str]:
         for step, quantity in value.items():
-            if step not in _STEPS:
-                raise ValueError(f"unknown step {step!r}; expected some of {list(_STEPS)}")
+            if step not in pipeline_steps():
+                raise ValueError(f"unknown step {step!r}; expected some of {list(pipeline_steps())}")
             if not _QUANTITY_RE.match(str(quantity)):
                 raise ValueError(f"{step}: {quantity!r} is not a Kubernetes quantity (e.g. 500m, 2, 4Gi)")
         return value
@@ -271,7 +266,7 @@ def finetune_resources(pipeline: dict[str, Any], common: dict[str, Any], k8s: K8
         res = _plan_resources(model_ref, model_config, n_train or DEFAULT_N_TRAIN, finetune, k8s)
     except (ImportError, ValueError, TypeError) as e:  # PlanError is a ValueError; the pod re-plans and says why
         log.warning("the fine-tune planner gave no plan (%s); the finetune Job gets default resources", e)
-        res = PodResources(k8s.gpus, DEFAULT_MEMORY["finetune"], DEFAULT_MEMORY["finetune"], "2Gi",
+        res = PodResources(k8s.gpus, stage("finetune").memory, stage("finetune").memory, "2Gi",
                            source=f"defaults, the planner gave no plan: {e}")
     memory, cpu = k8s.memory.get("finetune"), k8s.cpu.get("finetune")
     source = f"{res.source}; {n_note}" + (f"; memory set by k8s.memory.finetune={memory}" if memory else "") \
@@ -389,11 +384,11 @@ def step_resources(step: str, k8s: K8sSettings, plan: PodResources | None) -> tu
     if step in GPU_STAGES:
         if plan is None:
             raise ValueError(f"the {step} Job needs the fine-tune plan's PodResources")
-        gpus, cpu, request, limit = plan.gpus, plan.cpu or k8s.cpu.get(step, DEFAULT_CPU[step]), \
+        gpus, cpu, request, limit = plan.gpus, plan.cpu or k8s.cpu.get(step, stage(step).cpu), \
             plan.memory_request, plan.memory_limit
     else:
-        gpus, cpu = 0, k8s.cpu.get(step, DEFAULT_CPU[step])
-        request = limit = k8s.memory.get(step, DEFAULT_MEMORY[step])
+        gpus, cpu = 0, k8s.cpu.get(step, stage(step).cpu)
+        request = limit = k8s.memory.get(step, stage(step).memory)
     resources: dict[str, Any] = {"requests": {"cpu": cpu, "memory": request}, "limits": {"memory": limit}}
     if gpus:
         resources["limits"][k8s.gpu_resource] = str(gpus)  # an extended resource's request defaults to its limit

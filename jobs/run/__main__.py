@@ -1,4 +1,4 @@
-"""asr-ft run — the pipeline: demo-data (optional) → prepare → extract → pretrained → finetune → export → evaluate.
+"""asr-ft run — the pipeline: demo-data (optional) → prepare → pretrained → extract → finetune → export → evaluate.
 
     asr-ft run                                   # built-in demo pipeline (demo data + bundled:whisper-base)
     asr-ft run --config pipeline.yaml            # your pipeline file (see jobs/run/demo.yaml)
@@ -29,12 +29,13 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common.executors.compose import ComposeSettings
-from common.executors.k8s import K8sSettings
-from common.executors.pipeline import demo_config_path, load_pipeline, local_env, steps_of
+from common.core.registry import stage
 from common.core.settings import COMMON_FIELDS, SettingsError, StageSettings, build_parser, load_settings
 from common.core.stage import EXIT_BAD_INPUT, EXIT_OK, MANIFEST, setup_logging
 from common.core.store import open_store
+from common.executors.compose import ComposeSettings
+from common.executors.k8s import K8sSettings
+from common.executors.pipeline import demo_config_path, load_pipeline, local_env, steps_of
 
 log = logging.getLogger("asr-ft.run")
 
@@ -117,7 +118,7 @@ def run_local(steps: list[str], pipeline: dict, common: dict, settings: RunSetti
     for result in results:
         step = result.step
         env = local_env(common, pipeline, step)
-        cmd = [sys.executable, "-m", f"jobs.{step.replace('-', '_')}"]
+        cmd = [sys.executable, "-m", stage(step).module]
         if settings.dry_run:
             shown = {k: v for k, v in sorted(env.items()) if k.startswith("ASRFT_") and "SECRET" not in k and "KEY" not in k}
             print(f"# {step}\n" + " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in shown.items())

@@ -16,6 +16,10 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
+from common.core.registry import pipeline_steps
+from common.core.settings import S3Settings, SettingsError, load_settings
+from common.core.stage import MANIFEST, code_version
+from common.core.store import LocalStore
 from common.executors import k8s as k8s_mod
 from common.executors.k8s import (
     ANNOTATION_RESOURCES,
@@ -28,15 +32,12 @@ from common.executors.k8s import (
     model_profile,
 )
 from common.executors.pipeline import load_pipeline, steps_of
-from common.core.settings import S3Settings, SettingsError, load_settings
-from common.core.stage import MANIFEST, code_version
-from common.core.store import LocalStore
 from jobs.run.__main__ import RunSettings, main
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = ROOT / "k8s"
 VERSIONS = ("1.30", "1.33")  # oldest and a recent minor version whose schemas kubernetes-validate ships
-DEMO_STEPS = ["demo-data", "prepare", "extract", "pretrained", "finetune", "export", "evaluate"]
+DEMO_STEPS = list(pipeline_steps())  # the demo pipeline has every step, demo-data included
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
                 "seccompProfile": {"type": "RuntimeDefault"}}
@@ -167,8 +168,7 @@ def test_training_job_takes_gpus_memory_and_shm_from_the_plan():
 
 def test_training_resources_come_from_the_planner(tmp_path):
     """finetune_resources runs common.training.planner with the model's real config and prepare's count from the store."""
-    from common.training import memory
-    from common.training import planner
+    from common.training import memory, planner
 
     pipeline, common, k8s = demo(**{"k8s.gpus": "1", "k8s.gpu_memory_gb": "80", "k8s.gpu_node_memory_gb": "125"})
     pipeline["finetune"] = {}  # planner defaults on both sides
