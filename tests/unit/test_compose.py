@@ -19,7 +19,6 @@ import yaml
 
 from common.core.registry import pipeline_steps
 from common.core.settings import S3Settings
-from common.executors import compose
 from common.executors.compose import (
     ComposeSettings,
     compose_project,
@@ -161,18 +160,6 @@ def test_images_are_overridable_from_the_environment():
     env = {"ASRFT_IMAGE": "registry.local/asr-ft:dev", "ASRFT_GPU_IMAGE": "registry.local/asr-ft:dev-gpu"}
     assert interpolate(services["prepare"]["image"], env) == "registry.local/asr-ft:dev"
     assert interpolate(services["finetune"]["image"], env) == "registry.local/asr-ft:dev-gpu"
-
-
-def test_contract_matches_kubernetes_executor_and_images():
-    from common.executors import k8s
-
-    assert (compose.IMAGE_REPO, compose.UID, compose.GID) == (k8s.IMAGE_REPO, k8s.UID, k8s.GID)
-    assert (compose.TMP_PATH, compose.CACHE_PATH, compose.GPU_STEPS) == (k8s.TMP_PATH, k8s.CACHE_PATH, k8s.GPU_STAGES)
-    assert compose.MOUNT_PATH == k8s.K8sSettings().mount_path
-    for dockerfile in ("images/Dockerfile", "images/Dockerfile.cuda"):
-        text = (REPO / dockerfile).read_text(encoding="utf-8")
-        assert f"USER {compose.UID}:{compose.GID}" in text and f"ASRFT_CACHE={compose.CACHE_PATH}" in text
-        assert 'ENTRYPOINT ["asr-ft"]' in text and "WORKDIR /artifacts" in text
 
 
 # ------------------------------------------------------------------------------------------------ the project
