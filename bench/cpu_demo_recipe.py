@@ -174,7 +174,13 @@ def train(spec: dict[str, Any], base: Path, clips: list[dict[str, Any]], device:
         get_scheduler,
     )
 
-    from common.training.train import ModeSpec, encode_bottom, frozen_bottom_cacheable, make_trainee, merged_whisper
+    from common.training.train import (
+        ModeSpec,
+        encode_bottom,
+        frozen_bottom_cacheable,
+        make_trainee,
+        merged_whisper,
+    )
 
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -286,8 +292,8 @@ def decode_ct2(model, base: Path, clips: list[dict[str, Any]], work: Path) -> li
 
     from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-    from common.families.whisper.ct2 import export_hf_to_ct2
     from common.core.transcribe import CT2Engine, DecodeOptions
+    from common.families.whisper.ct2 import export_hf_to_ct2
 
     hf = work / "hf"
     shutil.rmtree(hf, ignore_errors=True)

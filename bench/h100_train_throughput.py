@@ -275,9 +275,9 @@ def run_fast(the_plan: Any, name: str, warmup: int, steps: int, profile_steps: i
              trace: str | None = None) -> dict[str, Any]:
     import torch
 
+    from common.families.whisper.data import WhisperCollator
     from common.training.fast_train import TIMING_WARMUP_STEPS, FastOptions, train_fast
     from common.training.train import ModeSpec, make_trainee
-    from common.families.whisper.data import WhisperCollator
 
     fields, plan_overrides, reset = VARIANTS[name]
     assert warmup == TIMING_WARMUP_STEPS

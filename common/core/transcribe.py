@@ -35,7 +35,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from common.families.whisper.ct2 import SAMPLE_RATE  # light (numpy only): the engines run where soundfile is absent
+# ct2 is light (numpy only): the engines run where soundfile is absent.
+from common.families.whisper.ct2 import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 

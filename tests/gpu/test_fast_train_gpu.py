@@ -49,11 +49,11 @@ def test_small_whisper_learns_and_its_checkpoint_reloads_as_fp32(tmp_path, preci
         pytest.fail("the gpu tests need a CUDA GPU (run them on the GPU machine: pytest -m gpu tests/gpu)")
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
+    from common.families.whisper.data import WhisperCollator
     from common.training.fast_train import FastOptions, fast_path_applies, last_checkpoint, train_fast
     from common.training.memory import profile_from_hf_config
     from common.training.planner import detect_resources, plan
     from common.training.train import ModeSpec, make_trainee
-    from common.families.whisper.data import WhisperCollator
 
     config = WhisperConfig(**SMALL)
     the_plan = plan(profile_from_hf_config(config, decoder_seq_len=17), n_train=N_CLIPS, mode="full", lr=1e-3,

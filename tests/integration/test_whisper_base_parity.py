@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from transformers import WhisperForConditionalGeneration, WhisperProcessor  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 
+from common.core.metrics import utterance_errors  # noqa: E402
 from common.families.whisper.ct2 import (  # noqa: E402
     SAMPLE_RATE,
     bundled_whisper_base_ct2_dir,
@@ -50,7 +51,6 @@ from common.families.whisper.ct2 import (  # noqa: E402
     prompt_zh_ids,
     read_ct2_model,
 )
-from common.core.metrics import utterance_errors  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REAL_ZH_DEV_ENV = "ASRFT_REAL_ZH_DEV"

@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.training.planner import Resources, plan
 from common.core.settings import environment
 from common.core.stage import StageFailed
+from common.training.planner import Resources, plan
 from common.training.train import (
     CHECKPOINT_FILES,
     ModeSpec,
