@@ -34,12 +34,11 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from common.core.registry import STAGES
+
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "ASRFT_"
-STAGES = ("prepare", "extract", "pretrained", "finetune", "export", "evaluate")
-# A pipeline file's sections: the orchestrator's own ("run"), the demo data generator's, and one per stage.
-PIPELINE_SECTIONS = ("run", "demo-data", "score", *STAGES)
 COMMON_FIELDS = ("artifacts", "run_id", "force", "log_level", "s3")
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"  # also a valid Kubernetes label value
 
@@ -170,15 +169,17 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 
 def yaml_section(data: dict[str, Any], stage: str, path: Path | str = "<config>") -> dict[str, Any]:
-    """A pipeline file (has a section named after any stage) → common keys + this stage's section."""
-    section_names = {s.replace("-", "_") for s in PIPELINE_SECTIONS} | set(PIPELINE_SECTIONS)
+    """A pipeline file (has a section named after any stage) → common keys + this stage's section.
+    Its sections: one per command of the stage registry (the orchestrator's own is ``run``)."""
+    sections = [s.name for s in STAGES]
+    section_names = {s.replace("-", "_") for s in sections} | set(sections)
     if not any(k in section_names for k in data):
         return dict(data)  # flat file for this stage
     unknown = [k for k in data if k not in section_names and k not in COMMON_FIELDS]
     if unknown:
         raise SettingsError(
             f"--config {path}: unknown top-level key(s) {unknown}. A pipeline file has the common keys "
-            f"{list(COMMON_FIELDS)} and one section each of {list(PIPELINE_SECTIONS)}."
+            f"{list(COMMON_FIELDS)} and one section each of {sections}."
         )
     section = data.get(stage) or data.get(stage.replace("-", "_")) or {}
     if not isinstance(section, dict):

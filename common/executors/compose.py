@@ -5,13 +5,15 @@
 
 The project (``compose_project``) has one service per step running ``asr-ft <step>`` in the asr-ft image with
 the environment every executor gives a step (``common_env(secrets=False)`` + ``section_env``, see
-common/executors/pipeline.py), plus the paths a read-only root filesystem needs. Services run as uid 10001 with a
-read-only root filesystem and a tmpfs ``/tmp``; they share one volume at ``/artifacts`` (``ASRFT_ARTIFACTS``
-unless the pipeline's artifacts are ``s3://``), which is also their working directory, so relative data paths
-of the pipeline file resolve inside the volume. Each service ``depends_on`` the previous one with
-``condition: service_completed_successfully``, so ``docker compose up`` runs the steps in order. The GPU step
-(finetune) uses the CUDA image and reserves one NVIDIA GPU; ``gpu: false`` (or the documented override file
-docker-compose.cpu.yml) keeps it on the CPU image without a reservation.
+common/executors/pipeline.py), plus the paths a read-only root filesystem needs. Image, user, paths, that
+environment and the GPU step come from the container contract (common/executors/contract.py), as for
+Kubernetes. Services run as uid 10001 with a read-only root filesystem and a tmpfs ``/tmp``; they share one
+volume at ``/artifacts`` (``ASRFT_ARTIFACTS`` unless the pipeline's artifacts are ``s3://``), which is also
+their working directory, so relative data paths of the pipeline file resolve inside the volume. Each service
+``depends_on`` the previous one with ``condition: service_completed_successfully``, so ``docker compose up``
+runs the steps in order. The GPU step (finetune) uses the CUDA image and reserves one NVIDIA GPU;
+``gpu: false`` (or the documented override file docker-compose.cpu.yml) keeps it on the CPU image without a
+reservation.
 
 Running (``run_compose``): the project is written to a temporary file and each step is started on its own,
 in order, so the run stops at the first failure with that step's exit code:
@@ -42,18 +44,13 @@ import yaml
 from pydantic import BaseModel, Field, field_validator
 
 from common.core.settings import ENV_PREFIX
-from common.core.stage import EXIT_BAD_INPUT, EXIT_OK, code_version
-from common.executors.pipeline import common_env, load_pipeline, section_env
+from common.core.stage import EXIT_BAD_INPUT, EXIT_OK
+from common.executors import contract
+from common.executors.contract import ARTIFACTS_PATH, GID, GPU_STEPS, IMAGE_REPO, TMP_PATH, UID
+from common.executors.pipeline import load_pipeline
 
 log = logging.getLogger(__name__)
 
-# The contract shared with common/executors/k8s.py and the images (tests/unit/test_compose.py checks they agree).
-IMAGE_REPO = "ghcr.io/asr-ft/asr-ft"  # CPU image <repo>:<version>; CUDA image <repo>:<version>-cuda
-UID = GID = 10001  # the images' fixed non-root user
-MOUNT_PATH = "/artifacts"  # the artifacts volume; ASRFT_ARTIFACTS and the working directory
-TMP_PATH = "/tmp"  # the only other writable path: the root filesystem is read-only
-CACHE_PATH = f"{TMP_PATH}/asr-ft-cache"  # ASRFT_CACHE
-GPU_STEPS = ("finetune",)  # steps that get the CUDA image and a GPU reservation
 GPU_SHM_SIZE = "2gb"  # /dev/shm of the training step (data loader workers); docker's default is 64 MB
 VOLUME = "artifacts"  # the named volume's key; compose names it <project>_artifacts
 DEFAULT_PROJECT = "asr-ft"
@@ -62,7 +59,6 @@ CPU_OVERRIDE_FILE = "docker-compose.cpu.yml"
 # Passed through from the caller's environment (never written into the file) when artifacts are s3://.
 S3_PASS_THROUGH = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                    f"{ENV_PREFIX}S3__ACCESS_KEY_ID", f"{ENV_PREFIX}S3__SECRET_ACCESS_KEY", f"{ENV_PREFIX}S3__SESSION_TOKEN")
-DOCKERFILES = {False: "images/Dockerfile", True: "images/Dockerfile.cuda"}  # by "is the GPU image"
 
 
 class ComposeSettings(BaseModel):
@@ -93,10 +89,6 @@ class ComposeSettings(BaseModel):
 # ------------------------------------------------------------------------------------------------ the project
 
 
-def default_image() -> str:
-    return f"{IMAGE_REPO}:{code_version()}"
-
-
 def _is_host_path(volume: str) -> bool:
     return volume.startswith(("/", "./", "../", "~")) or volume in (".", "..")
 
@@ -104,20 +96,12 @@ def _is_host_path(volume: str) -> bool:
 def artifacts_in_containers(common: dict[str, Any]) -> str:
     """ASRFT_ARTIFACTS inside the services: an s3:// URI as is, else the volume's mount path."""
     artifacts = str(common.get("artifacts") or "")
-    return artifacts if artifacts.startswith("s3://") else MOUNT_PATH
-
-
-def shared_env(common: dict[str, Any]) -> dict[str, str]:
-    """What every service gets: the common settings (no secrets) and the read-only-root paths."""
-    env = common_env(common, secrets=False)
-    env[f"{ENV_PREFIX}ARTIFACTS"] = artifacts_in_containers(common)
-    env.update({"ASRFT_CACHE": CACHE_PATH, "HOME": TMP_PATH, "PYTHONUNBUFFERED": "1"})
-    return dict(sorted(env.items()))
+    return artifacts if artifacts.startswith("s3://") else ARTIFACTS_PATH
 
 
 def step_env(step: str, pipeline: dict[str, Any], common: dict[str, Any]) -> dict[str, str]:
-    """A service's full environment: its section's ASRFT_<STEP>_* under the shared values (as in k8s)."""
-    return {**section_env(pipeline, step), **shared_env(common)}
+    """A service's full environment: the container contract's (the same as a Kubernetes step Job's)."""
+    return contract.step_env(step, pipeline, common, artifacts_in_containers(common))
 
 
 def compose_project(steps: list[str], pipeline: dict[str, Any], common: dict[str, Any], *,
@@ -125,10 +109,10 @@ def compose_project(steps: list[str], pipeline: dict[str, Any], common: dict[str
                     project: str = DEFAULT_PROJECT, volume: str = VOLUME) -> dict[str, Any]:
     """The compose project as a plain dict: exactly what ``yaml.safe_load`` reads back from the rendered file,
     before compose's interpolation (image ``${ASRFT_IMAGE:-<default>}``, a literal ``$`` written ``$$``)."""
-    image = image or f"${{{IMAGE_VAR}:-{default_image()}}}"
+    image = image or f"${{{IMAGE_VAR}:-{contract.image()}}}"
     gpu_image = gpu_image or f"${{{GPU_IMAGE_VAR}:-{_cuda_tag(image)}}}"
     s3 = str(common.get("artifacts") or "").startswith("s3://")
-    mount = f"{volume}:{MOUNT_PATH}"
+    mount = f"{volume}:{ARTIFACTS_PATH}"
     services: dict[str, Any] = {}
     previous = None
     for step in steps:
@@ -139,11 +123,11 @@ def compose_project(steps: list[str], pipeline: dict[str, Any], common: dict[str
             env.update(dict.fromkeys(S3_PASS_THROUGH))  # null: taken from the caller's environment if set
         service: dict[str, Any] = {
             "image": gpu_image if on_gpu else image,
-            "build": {"context": ".", "dockerfile": DOCKERFILES[on_gpu]},
+            "build": {"context": ".", "dockerfile": contract.dockerfile(on_gpu)},
             "user": f"{UID}:{GID}",
             "read_only": True,
             "tmpfs": [TMP_PATH],
-            "working_dir": MOUNT_PATH,
+            "working_dir": ARTIFACTS_PATH,
             "volumes": [mount],
             "init": True,
             "command": [step],
@@ -166,7 +150,7 @@ def compose_project(steps: list[str], pipeline: dict[str, Any], common: dict[str
 
 def _cuda_tag(image: str) -> str:
     m = re.fullmatch(r"\$\{\w+:-(.*)\}", image)  # the default inside ${ASRFT_IMAGE:-…}
-    return f"{m.group(1) if m else image}-cuda"
+    return contract.cuda_image(m.group(1) if m else image)
 
 
 # ------------------------------------------------------------------------------------------------ rendering

@@ -3,9 +3,11 @@
     asr-ft run --config pipeline.yaml --executor k8s [--namespace NS] [--dry-run]
 
 Each step runs ``asr-ft <step>`` in its own Job with the same environment contract as every other executor
-(``common_env(secrets=False)`` + ``section_env``; see common/executors/pipeline.py). S3 credentials reach the pods only
-through a Secret (``envFrom``), never as literal values. The artifacts live on a PersistentVolumeClaim mounted
-at ``/artifacts`` (then ``ASRFT_ARTIFACTS=/artifacts``) or in S3.
+(``common_env(secrets=False)`` + ``section_env``; see common/executors/pipeline.py). Image, user, writable
+paths, the extra environment and the GPU step come from the container contract (common/executors/contract.py);
+each step's default CPU and memory from the stage registry (common/core/registry.py). S3 credentials reach
+the pods only through a Secret (``envFrom``), never as literal values. The artifacts live on a
+PersistentVolumeClaim mounted at ``/artifacts`` (then ``ASRFT_ARTIFACTS=/artifacts``) or in S3.
 
 Names and labels (k8s/README.md documents them for the chart and the plain manifests):
 
@@ -44,16 +46,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from common.core.settings import ENV_PREFIX, SettingsError
+from common.core.registry import pipeline_steps, stage
+from common.core.settings import SettingsError
 from common.core.stage import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, MANIFEST, StageFailed, code_version
 from common.core.store import LocalStore, Store, StoreError, open_store
-from common.executors.pipeline import common_env, env_value, section_env, yaml_section
+from common.executors import contract
+from common.executors.contract import ARTIFACTS_PATH, GID, GPU_STEPS, IMAGE_REPO, SHM_PATH, TMP_PATH, UID
+from common.executors.pipeline import env_value, yaml_section
 
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ constants
 
-IMAGE_REPO = "ghcr.io/asr-ft/asr-ft"  # CPU image: <repo>:<version>; CUDA image: <repo>:<version>-cuda
 APP = "asr-ft"
 LABEL_NAME, LABEL_COMPONENT = "app.kubernetes.io/name", "app.kubernetes.io/component"
 LABEL_MANAGED_BY, LABEL_VERSION = "app.kubernetes.io/managed-by", "app.kubernetes.io/version"
@@ -61,26 +65,14 @@ LABEL_RUN_ID, LABEL_STAGE = "asr-ft/run-id", "asr-ft/stage"
 ANNOTATION_RESOURCES, ANNOTATION_COMMAND = "asr-ft/resources", "asr-ft/command"
 NAME_MAX = 63  # DNS-1123 label: the Job name is also the value of its pods' job-name label (≤ 63 characters)
 NAME_HASH_LEN = 6  # hex digits of sha256(run-id/step) appended when the name had to be shortened or changed
-UID = GID = 10001  # the images' fixed non-root user (images/ builds it with this uid/gid)
-TMP_PATH = "/tmp"  # the only writable path besides the artifacts: the root filesystem is read-only
-CACHE_PATH = f"{TMP_PATH}/asr-ft-cache"  # ASRFT_CACHE: model conversions, S3 staging (lives as long as the pod)
-SHM_PATH = "/dev/shm"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # common/core/stage.py writes a failed stage's reason here
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 TAIL_LINES = 25  # log lines of a failed step shown again
-GPU_STAGES = ("finetune",)  # steps whose Job gets GPUs, the CUDA image and the plan's memory
-
-# CPU requests (no CPU limit: throttling slows a batch step without protecting anyone) and memory requests
-# (= limits) per step. Sized for whisper-base and a few thousand utterances; override with k8s.cpu / k8s.memory.
-DEFAULT_CPU = {"demo-data": "2", "prepare": "1", "extract": "2", "pretrained": "1", "finetune": "4",
-               "export": "2", "evaluate": "2"}
-DEFAULT_MEMORY = {"demo-data": "2Gi", "prepare": "2Gi", "extract": "4Gi", "pretrained": "4Gi", "finetune": "16Gi",
-                  "export": "4Gi", "evaluate": "6Gi"}
+# Each step's default CPU and memory request: the stage registry's (common/core/registry.py).
 DEFAULT_GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # set by NVIDIA GPU feature discovery
 DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 _QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
-_STEPS = tuple(DEFAULT_CPU)
 
 
 class K8sError(Exception):
@@ -107,7 +99,7 @@ class K8sSettings(BaseModel):
     image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets for a private registry")
     pvc: str | None = Field("asr-ft-artifacts", description="PersistentVolumeClaim holding the artifacts "
                             "(and relative data paths); empty: none (artifacts must be s3://)")
-    mount_path: str = Field("/artifacts", description="where the PVC is mounted; ASRFT_ARTIFACTS unless s3://")
+    mount_path: str = Field(ARTIFACTS_PATH, description="where the PVC is mounted; ASRFT_ARTIFACTS unless s3://")
     s3_secret: str | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                                   "(or ASRFT_S3__*) given to every step via envFrom", examples=["asr-ft-s3"])
     service_account: str | None = Field(None, description="ServiceAccount of the step pods (default: namespace default)")
@@ -128,7 +120,7 @@ class K8sSettings(BaseModel):
     gpu_tolerations: list[dict[str, Any]] = Field(default_factory=lambda: [dict(t) for t in DEFAULT_GPU_TOLERATIONS],
                                                   description="tolerations of the finetune Job (JSON list)")
     cpu: dict[str, str] = Field(default_factory=dict, description="CPU request per step over the defaults "
-                                f"{DEFAULT_CPU}", examples=['{"evaluate": "8"}'])
+                                + str({s: stage(s).cpu for s in pipeline_steps()}), examples=['{"evaluate": "8"}'])
     memory: dict[str, str] = Field(default_factory=dict, description="memory request = limit per step over the "
                                    "defaults (finetune: the plan's)", examples=['{"evaluate": "12Gi"}'])
     tmp_size: str | None = Field(None, description="sizeLimit of the /tmp emptyDir (holds ASRFT_CACHE)",
@@ -159,8 +151,8 @@ class K8sSettings(BaseModel):
     @classmethod
     def _check_per_step(cls, value: dict[str, str]) -> dict[str, str]:
         for step, quantity in value.items():
-            if step not in _STEPS:
-                raise ValueError(f"unknown step {step!r}; expected some of {list(_STEPS)}")
+            if step not in pipeline_steps():
+                raise ValueError(f"unknown step {step!r}; expected some of {list(pipeline_steps())}")
             if not _QUANTITY_RE.match(str(quantity)):
                 raise ValueError(f"{step}: {quantity!r} is not a Kubernetes quantity (e.g. 500m, 2, 4Gi)")
         return value
@@ -181,9 +173,9 @@ class K8sSettings(BaseModel):
         return self
 
     def step_image(self, step: str, gpus: int = 0) -> str:
-        image = self.image or f"{IMAGE_REPO}:{code_version()}"
-        if step in GPU_STAGES and gpus > 0:
-            return self.gpu_image or f"{image}-cuda"
+        image = self.image or contract.image()
+        if step in GPU_STEPS and gpus > 0:
+            return self.gpu_image or contract.cuda_image(image)
         return image
 
 
@@ -263,7 +255,7 @@ def finetune_resources(pipeline: dict[str, Any], common: dict[str, Any], k8s: K8
         pod, setup, note = None, {}, f"the planner gave no plan: {e}"
     if pod is None:
         log.warning("finetune Job: default resources (%s); the pod plans for itself when it starts", note)
-        res = PodResources(node["gpus"], DEFAULT_MEMORY["finetune"], DEFAULT_MEMORY["finetune"], "2Gi",
+        res = PodResources(node["gpus"], stage("finetune").memory, stage("finetune").memory, "2Gi",
                            source=f"defaults, {note}")
     else:
         log.info("finetune Job: %d GPU, memory %s/%s, /dev/shm %s from the plan (%s, %s, batch %d)", pod.gpus,
@@ -299,12 +291,9 @@ def artifacts_for_pods(common: dict[str, Any], k8s: K8sSettings) -> str:
 
 
 def step_env(step: str, pipeline: dict[str, Any], common: dict[str, Any], k8s: K8sSettings) -> dict[str, str]:
-    """The container's environment: the same contract as a local step, S3 secrets left out, plus the paths
-    a read-only root filesystem needs."""
-    env = {**section_env(pipeline, step), **common_env(common, secrets=False)}
-    env[f"{ENV_PREFIX}ARTIFACTS"] = artifacts_for_pods(common, k8s)
-    env.update({"ASRFT_CACHE": CACHE_PATH, "HOME": TMP_PATH, "PYTHONUNBUFFERED": "1"})
-    return env
+    """The container's environment: the container contract's (the same as a compose service's), S3 secrets
+    left out, the artifacts where the pods see them."""
+    return contract.step_env(step, pipeline, common, artifacts_for_pods(common, k8s))
 
 
 POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": GID, "fsGroup": GID,
@@ -317,14 +306,14 @@ def step_resources(step: str, k8s: K8sSettings, plan: PodResources | None) -> tu
     """(GPUs, container resources): the plan's for the GPU step, else k8s.cpu/k8s.memory over the defaults.
     CPU is only requested (a CPU limit throttles a batch step and protects nobody); memory limit = request
     except where the plan leaves headroom."""
-    if step in GPU_STAGES:
+    if step in GPU_STEPS:
         if plan is None:
             raise ValueError(f"the {step} Job needs the fine-tune plan's PodResources")
-        gpus, cpu, request, limit = plan.gpus, plan.cpu or k8s.cpu.get(step, DEFAULT_CPU[step]), \
+        gpus, cpu, request, limit = plan.gpus, plan.cpu or k8s.cpu.get(step, stage(step).cpu), \
             plan.memory_request, plan.memory_limit
     else:
-        gpus, cpu = 0, k8s.cpu.get(step, DEFAULT_CPU[step])
-        request = limit = k8s.memory.get(step, DEFAULT_MEMORY[step])
+        gpus, cpu = 0, k8s.cpu.get(step, stage(step).cpu)
+        request = limit = k8s.memory.get(step, stage(step).memory)
     resources: dict[str, Any] = {"requests": {"cpu": cpu, "memory": request}, "limits": {"memory": limit}}
     if gpus:
         resources["limits"][k8s.gpu_resource] = str(gpus)  # an extended resource's request defaults to its limit
@@ -370,7 +359,7 @@ def build_job(step: str, pipeline: dict[str, Any], common: dict[str, Any], k8s: 
     if k8s.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in k8s.image_pull_secrets]
     annotations = {ANNOTATION_COMMAND: f"asr-ft {step}"}
-    if step in GPU_STAGES and resources is not None:
+    if step in GPU_STEPS and resources is not None:
         container["volumeMounts"].append({"name": "dshm", "mountPath": SHM_PATH})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm_size}})
         if gpus:
@@ -402,7 +391,7 @@ def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def build_jobs(steps: list[str], pipeline: dict[str, Any], common: dict[str, Any], k8s: K8sSettings,
                store: Store | None = None, namespace: str | None = None) -> list[dict[str, Any]]:
-    resources = finetune_resources(pipeline, common, k8s, store) if set(steps) & set(GPU_STAGES) else None
+    resources = finetune_resources(pipeline, common, k8s, store) if set(steps) & set(GPU_STEPS) else None
     return [build_job(s, pipeline, common, k8s, resources, namespace) for s in steps]
 
 

@@ -5,16 +5,17 @@
     run: {executor: local}       # the orchestrator's own settings
     demo-data: {out: demo_data}  # optional first step: make demo speech
     prepare: {train_csv: ..., audio_dir: ...}
-    extract: {}
     pretrained: {model: "bundled:whisper-base"}
+    extract: {}
     finetune: {...}
     export: {...}
     evaluate: {...}
 
-Every executor (local subprocesses, docker compose, Kubernetes Jobs) runs the same command,
-``asr-ft <step>``, with the same environment: ``ASRFT_<FIELD>`` for the common keys and
-``ASRFT_<STEP>_<FIELD>`` for each key of the step's section (JSON for lists and mappings). Values the user
-already set in the environment win over the file, as they do for a single stage.
+The steps and their order come from the stage registry (common/core/registry.py). Every executor (local
+subprocesses, docker compose, Kubernetes Jobs) runs the same command, ``asr-ft <step>``, with the same
+environment: ``ASRFT_<FIELD>`` for the common keys and ``ASRFT_<STEP>_<FIELD>`` for each key of the step's
+section (JSON for lists and mappings). Values the user already set in the environment win over the file, as
+they do for a single stage.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from common.core.settings import COMMON_FIELDS, ENV_PREFIX, STAGES, SettingsError, load_yaml, yaml_section
+from common.core.registry import STAGES, pipeline_steps, stage
+from common.core.settings import COMMON_FIELDS, ENV_PREFIX, SettingsError, load_yaml, yaml_section
 
-STEPS = ("demo-data", *STAGES)  # demo-data only when the file has that section
 DEMO_CONFIG = "demo.yaml"  # packaged with jobs/run
 
 
@@ -37,17 +38,21 @@ def demo_config_path() -> Path:
 
 def load_pipeline(path: Path | None) -> dict[str, Any]:
     data = load_yaml(path or demo_config_path())
+    sections = {s.name for s in STAGES}  # the steps', the orchestrator's own ("run"), score's
     for key in data:
-        if key not in COMMON_FIELDS and key.replace("_", "-") not in ("run", *STEPS, "score"):
+        if key not in COMMON_FIELDS and key.replace("_", "-") not in sections:
             raise SettingsError(
                 f"{path}: unknown top-level key {key!r}. Expected the common keys {list(COMMON_FIELDS)}, "
-                f"'run', and step sections {list(STEPS)}."
+                f"'run', and step sections {list(pipeline_steps())}."
             )
     return data
 
 
 def steps_of(pipeline: dict[str, Any], only: list[str] | None = None) -> list[str]:
-    steps = [s for s in STEPS if s != "demo-data" or s in pipeline or "demo_data" in pipeline]
+    """The pipeline's steps in order: every step of the registry, an optional one (demo-data) only when the
+    file has its section; ``only`` picks some of them."""
+    steps = [s for s in pipeline_steps()
+             if not stage(s).optional or s in pipeline or s.replace("-", "_") in pipeline]
     if only:
         unknown = sorted(set(only) - set(steps))
         if unknown:

@@ -24,27 +24,29 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from common.core.registry import pipeline_steps
 from common.core.settings import COMMON_FIELDS, load_settings
-from common.executors.compose import MOUNT_PATH, ComposeSettings, default_image, run_compose
+from common.executors.compose import ComposeSettings, run_compose
+from common.executors.contract import ARTIFACTS_PATH, image
 from common.executors.pipeline import load_pipeline, steps_of
 
 pytestmark = pytest.mark.containers
 
-IMAGE = os.environ.get("ASRFT_E2E_IMAGE") or default_image()
+IMAGE = os.environ.get("ASRFT_E2E_IMAGE") or image()
 PROJECT = "asrft-e2e"
 VOLUME = f"{PROJECT}_artifacts"
 RUN_ID = "e2e"
-TINY_MODEL = f"{MOUNT_PATH}/models/tiny-whisper"
+TINY_MODEL = f"{ARTIFACTS_PATH}/models/tiny-whisper"
 BUNDLED_HF = "/opt/asr-ft/whisper-base"  # pre-assembled in the image (images/build.sh bundle)
-STAGES = ("prepare", "extract", "pretrained", "finetune", "export", "evaluate")
+STAGES = pipeline_steps(optional=False)  # every step that writes a manifest (demo-data writes none)
 TINY_PIPELINE = {
     "run_id": RUN_ID,
     "artifacts": "runs/",  # a host path means nothing in a container: the services use the volume
     "demo-data": {"out": "demo_data", "n_train": 8, "n_test": 4, "seed": 0, "workers": 2},
     "prepare": {"train_csv": "demo_data/train.csv", "audio_dir": "demo_data/audio",
                 "test_csv": "demo_data/answers.csv", "test_audio_dir": "demo_data/test_audio"},
-    "extract": {},
     "pretrained": {"model": TINY_MODEL},
+    "extract": {},
     "finetune": {"max_steps": 2, "batch": 2, "device": "cpu", "num_workers": 0, "threads": 2},
     "export": {},
     "evaluate": {},
@@ -116,7 +118,7 @@ def test_tiny_pipeline_end_to_end_in_containers(volume, tmp_path, monkeypatch):
     t0 = time.perf_counter()
     seeded = subprocess.run(
         ["podman", "run", "--rm", "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",
-         "--volume", f"{VOLUME}:{MOUNT_PATH}", "--env", "HOME=/tmp", "--entrypoint", "python", IMAGE,
+         "--volume", f"{VOLUME}:{ARTIFACTS_PATH}", "--env", "HOME=/tmp", "--entrypoint", "python", IMAGE,
          "-c", MAKE_TINY_MODEL], capture_output=True, text=True)
     assert seeded.returncode == 0, seeded.stdout + seeded.stderr
     assert (volume / "models" / "tiny-whisper" / "config.json").is_file()

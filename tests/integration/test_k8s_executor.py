@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from common.core.registry import pipeline_steps
 from common.core.stage import MANIFEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,14 +24,14 @@ from jobs.run.__main__ import main  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
-STEPS = ["demo-data", "prepare", "extract", "pretrained", "finetune", "export", "evaluate"]
+STEPS = list(pipeline_steps())  # PIPELINE has every step, demo-data included
 PIPELINE = """
 run_id: k8s-test
 artifacts: runs/
 demo-data: {out: data, n_train: 8, n_test: 2}
 prepare: {train_csv: data/train.csv, audio_dir: data/audio, test_ratio: 0.1}
-extract: {}
 pretrained: {model: "bundled:whisper-base"}
+extract: {}
 finetune: {}
 export: {quantization: int8}
 evaluate: {}
@@ -88,7 +89,7 @@ def test_failing_step_stops_pipeline_with_its_termination_message(api, tmp_path,
     api.outcomes["finetune"] = Outcome(3, FAIL_MESSAGE, ["loading model", "step 1/10 loss 2.31", "OOM here"])
     assert run(api, tmp_path) == 3  # the container's exit code
     err = capsys.readouterr().err
-    assert created_steps(api) == ["demo-data", "prepare", "extract", "pretrained", "finetune"]  # fail fast
+    assert created_steps(api) == STEPS[:STEPS.index("finetune") + 1]  # fail fast
     assert "✗ finetune failed" in err
     assert FAIL_MESSAGE in err
     tail = err.split("Last log lines")[1]
@@ -106,7 +107,7 @@ def test_resume_skips_done_steps_and_replaces_the_failed_job(api, tmp_path, caps
     err = capsys.readouterr().err
     assert created_steps(api)[first:] == ["finetune", "export", "evaluate"]  # no Job for done steps
     assert api.deleted == ["asrft-k8s-test-finetune"]  # the failed Job of the same name, before re-creating
-    assert re.search(r"↷ pretrained\s+skipped", err) and re.search(r"↷ demo-data\s+skipped", err)
+    assert re.search(r"↷ extract\s+skipped", err) and re.search(r"↷ demo-data\s+skipped", err)
     assert "[finetune] finetune: 完成 done" in err
 
     # All done now: a third run creates no Job at all; changing a step's settings re-runs it and what follows.

@@ -1,7 +1,7 @@
 """End to end: every stage through `asr-ft run` (each a subprocess with the container environment contract) on
 a tiny random Whisper built here, then a second run that skips every stage.
 
-    demo-data → prepare → extract → pretrained → finetune → export → evaluate
+    demo-data → prepare → pretrained → extract → finetune → export → evaluate
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import pytest
 import yaml
 from test_evaluate import save_tiny_whisper
 
+from common.core.registry import pipeline_steps
 from common.core.store import sha256_file
 
-STAGES = ["prepare", "extract", "pretrained", "finetune", "export", "evaluate"]
+STAGES = list(pipeline_steps(optional=False))  # every step that writes a manifest (demo-data writes none)
 EXPECTED = {  # stage → files that must exist in <run>/<stage>/
     "prepare": ["train.jsonl", "test.jsonl", "rejected.jsonl", "stats.json"],
-    "extract": ["train.jsonl", "test.jsonl"],
     "pretrained": ["model/config.json", "model/model.safetensors", "provenance.json"],
+    "extract": ["train.jsonl", "test.jsonl"],
     "finetune": ["plan.json", "final/config.json", "final/model.safetensors"],
     "export": ["model/config.json", "model/model.safetensors", "ct2/model.bin", "ct2/config.json"],
     "evaluate": ["metrics.json", "predictions.jsonl", "report.md", "report.html"],
@@ -39,8 +40,8 @@ def e2e(tmp_path_factory):
         "prepare": {"train_csv": str(root / "demo_data/train.csv"), "audio_dir": str(root / "demo_data/audio"),
                     "test_csv": str(root / "demo_data/answers.csv"),
                     "test_audio_dir": str(root / "demo_data/test_audio")},
-        "extract": {},
         "pretrained": {"model": str(model)},
+        "extract": {},
         "finetune": {"mode": "full", "device": "cpu", "max_steps": 2, "batch": 2, "grad_accum": 1, "save_steps": 1},
         "export": {"quantization": "float32"},
         "evaluate": {"real_zh_dev": False, "max_new_tokens": 8},

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from common.core.registry import pipeline_steps
 from common.core.settings import S3Settings
-from common.executors import compose
 from common.executors.compose import (
     ComposeSettings,
     compose_project,
@@ -102,8 +102,7 @@ def test_committed_compose_file_is_up_to_date(capsys):
 
 def test_one_service_per_step_chained_in_order(demo):
     project = load_committed()
-    assert list(project["services"]) == steps_of(demo) == [
-        "demo-data", "prepare", "extract", "pretrained", "finetune", "export", "evaluate"]
+    assert list(project["services"]) == steps_of(demo) == list(pipeline_steps())
     assert service_order(project) == steps_of(demo)
     services = list(project["services"].items())
     assert "depends_on" not in services[0][1]
@@ -112,7 +111,7 @@ def test_one_service_per_step_chained_in_order(demo):
         assert service["command"] == [name]
 
 
-@pytest.mark.parametrize("step", ["demo-data", "prepare", "extract", "pretrained", "finetune", "export", "evaluate"])
+@pytest.mark.parametrize("step", pipeline_steps())
 def test_service_environment_is_the_pipeline_contract(demo, step):
     """Each service's environment (after compose's interpolation) = what common.executors.pipeline gives that step,
     with the artifacts on the volume and the read-only-root paths — the same as a Kubernetes step Job."""
@@ -161,18 +160,6 @@ def test_images_are_overridable_from_the_environment():
     env = {"ASRFT_IMAGE": "registry.local/asr-ft:dev", "ASRFT_GPU_IMAGE": "registry.local/asr-ft:dev-gpu"}
     assert interpolate(services["prepare"]["image"], env) == "registry.local/asr-ft:dev"
     assert interpolate(services["finetune"]["image"], env) == "registry.local/asr-ft:dev-gpu"
-
-
-def test_contract_matches_kubernetes_executor_and_images():
-    from common.executors import k8s
-
-    assert (compose.IMAGE_REPO, compose.UID, compose.GID) == (k8s.IMAGE_REPO, k8s.UID, k8s.GID)
-    assert (compose.TMP_PATH, compose.CACHE_PATH, compose.GPU_STEPS) == (k8s.TMP_PATH, k8s.CACHE_PATH, k8s.GPU_STAGES)
-    assert compose.MOUNT_PATH == k8s.K8sSettings().mount_path
-    for dockerfile in ("images/Dockerfile", "images/Dockerfile.cuda"):
-        text = (REPO / dockerfile).read_text(encoding="utf-8")
-        assert f"USER {compose.UID}:{compose.GID}" in text and f"ASRFT_CACHE={compose.CACHE_PATH}" in text
-        assert 'ENTRYPOINT ["asr-ft"]' in text and "WORKDIR /artifacts" in text
 
 
 # ------------------------------------------------------------------------------------------------ the project
@@ -274,8 +261,8 @@ def fake_podman(bin_dir: Path, log: Path, fail_on: str | None = None) -> None:
 
 
 @pytest.mark.parametrize("fail_on, expected_code, ran", [
-    (None, 0, ["demo-data", "prepare", "extract", "pretrained", "finetune", "export", "evaluate"]),
-    ("extract", 3, ["demo-data", "prepare", "extract"]),
+    (None, 0, ["demo-data", "prepare", "pretrained", "extract", "finetune", "export", "evaluate"]),
+    ("extract", 3, ["demo-data", "prepare", "pretrained", "extract"]),
 ])
 def test_run_compose_runs_steps_in_order_and_stops_at_a_failure(demo, tmp_path, monkeypatch, fail_on,
                                                                 expected_code, ran):
@@ -305,13 +292,13 @@ def test_run_compose_says_how_to_build_a_missing_image(demo, tmp_path, monkeypat
 def test_dry_run_of_a_pipeline_file_prints_its_project(tmp_path):
     config = tmp_path / "pipeline.yaml"
     config.write_text("run_id: exp1\nartifacts: runs/\nprepare: {train_csv: data/train.csv, audio_dir: data/audio}\n"
-                      "extract: {}\npretrained: {model: /artifacts/models/tiny}\nfinetune: {max_steps: 2}\n"
+                      "pretrained: {model: /artifacts/models/tiny}\nextract: {}\nfinetune: {max_steps: 2}\n"
                       "export: {}\nevaluate: {}\n")
     out = subprocess.run([sys.executable, "-m", "jobs.run", "--config", str(config), "--executor", "compose",
                           "--dry-run"], capture_output=True, text=True, cwd=REPO, check=True,
                          env={k: v for k, v in os.environ.items() if not k.startswith("ASRFT_")}).stdout
     project = yaml.safe_load(out)
-    assert list(project["services"]) == ["prepare", "extract", "pretrained", "finetune", "export", "evaluate"]
+    assert list(project["services"]) == list(pipeline_steps(optional=False))  # no demo-data section
     env = project["services"]["finetune"]["environment"]
     assert env["ASRFT_RUN_ID"] == "exp1" and env["ASRFT_FINETUNE_MAX_STEPS"] == "2"
     assert "Generated from the pipeline file" in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import importlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from common.core.registry import STAGES, pipeline_steps, stage
 from common.core.settings import COMMON_FIELDS, StageSettings, load_settings
 from common.executors.pipeline import demo_config_path, load_pipeline, steps_of
 
@@ -92,6 +94,15 @@ def test_lint_is_clean(scenario):
     report = helm.lint(CHART, scenario_values(scenario), strict=True, namespace=NAMESPACE)
     problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 = warning, 3 = error
     assert report["errors"] == [] and problems == [], report
+
+
+def test_schema_has_one_pipeline_section_per_stage_of_the_registry():
+    """values.schema.json (JSON: it cannot import the registry) accepts exactly the sections a pipeline file has."""
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    sections = schema["properties"]["pipeline"]["properties"]
+    names = [s.name for s in STAGES]
+    assert set(sections) == {*COMMON_FIELDS, *names, *(n.replace("-", "_") for n in names)}
+    assert schema["properties"]["pipeline"]["additionalProperties"] is False
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -185,11 +196,10 @@ def test_rbac_is_minimal_and_bound_to_the_service_account(chart, scenario):
 def _stage_settings_classes() -> dict[str, type[StageSettings]]:
     """The settings class of every step whose entry point exists (jobs/<step>/__main__.py)."""
     classes = {}
-    for step in ("demo-data", "prepare", "extract", "pretrained", "finetune", "export", "evaluate"):
-        module = f"jobs.{step.replace('-', '_')}.__main__"
-        if importlib.util.find_spec(f"jobs.{step.replace('-', '_')}") is None:
+    for step in pipeline_steps():
+        if importlib.util.find_spec(stage(step).module) is None:
             continue
-        for value in vars(importlib.import_module(module)).values():
+        for value in vars(importlib.import_module(stage(step).module + ".__main__")).values():
             if isinstance(value, type) and issubclass(value, StageSettings) and value is not StageSettings \
                     and value.model_config.get("env_prefix") == f"ASRFT_{step.upper().replace('-', '_')}_":
                 classes[step] = value
@@ -225,7 +235,7 @@ def test_default_pipeline_is_the_built_in_demo_on_the_volume(chart):
     def on_volume(value):
         return f"/artifacts/{value}" if isinstance(value, str) and value.startswith("demo_data") else value
 
-    for step in ("demo-data", "prepare", "extract", "pretrained", "finetune", "export", "evaluate"):
+    for step in pipeline_steps():
         assert chart_pipeline[step] == {k: on_volume(v) for k, v in (demo[step] or {}).items()}, step
     assert chart_pipeline["run_id"] == demo["run_id"]
 

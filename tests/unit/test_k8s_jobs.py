@@ -16,6 +16,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
+from common.core.registry import pipeline_steps
 from common.core.settings import S3Settings, SettingsError, load_settings
 from common.core.stage import MANIFEST, code_version
 from common.core.store import LocalStore
@@ -28,7 +29,6 @@ from common.executors.k8s import (
     done_in_store,
     finetune_resources,
     job_name,
-    model_profile,
 )
 from common.executors.pipeline import load_pipeline, steps_of
 from jobs.run.__main__ import RunSettings, main
@@ -36,7 +36,7 @@ from jobs.run.__main__ import RunSettings, main
 ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = ROOT / "k8s"
 VERSIONS = ("1.30", "1.33")  # oldest and a recent minor version whose schemas kubernetes-validate ships
-DEMO_STEPS = ["demo-data", "prepare", "extract", "pretrained", "finetune", "export", "evaluate"]
+DEMO_STEPS = list(pipeline_steps())  # the demo pipeline has every step, demo-data included
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
                 "seccompProfile": {"type": "RuntimeDefault"}}
@@ -165,40 +165,62 @@ def test_training_job_takes_gpus_memory_and_shm_from_the_plan():
     assert pod["securityContext"] == POD_SECURITY and c["securityContext"] == CONTAINER_SECURITY
 
 
-def test_training_resources_come_from_the_planner(tmp_path):
-    """finetune_resources runs common.training.planner with the model's real config and prepare's count from the store."""
-    from common.training import memory, planner
+WHISPER_BASE = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+                    decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, vocab_size=51865,
+                    num_mel_bins=80, max_source_positions=1500, max_target_positions=448)
+DEMO_FACTS = {"clips": 300, "longest_seconds": 4.75, "longest_labels": 40, "rejected": []}
+
+
+def run_store(root: Path, config: dict | None = None, facts: dict | None = None, run_id: str = "demo") -> LocalStore:
+    """A store holding what the executor plans the training pod from: the family and model config written by
+    `pretrained`, and extract's data facts."""
+    from transformers import WhisperConfig
+
+    store = LocalStore(root)
+    store.write_json(f"{run_id}/pretrained/provenance.json", {"family": "whisper", "ref": "bundled:whisper-base"})
+    store.write_json(f"{run_id}/pretrained/model/config.json", WhisperConfig(**(config or WHISPER_BASE)).to_dict())
+    store.write_json(f"{run_id}/extract/data_facts.json", facts or DEMO_FACTS)
+    return store
+
+
+def test_training_resources_come_from_the_stages_own_plan(tmp_path):
+    """finetune_resources gives the pod what the finetune stage's planning gives for the run's model config and
+    data facts in the store, on the node k8s describes."""
+    from common.families import get_family
+    from common.training.planner import detect_resources
+    from jobs.finetune import FinetuneSettings
+    from jobs.finetune.plan import make_plan
 
     pipeline, common, k8s = demo(**{"k8s.gpus": "1", "k8s.gpu_memory_gb": "80", "k8s.gpu_node_memory_gb": "125"})
     pipeline["finetune"] = {}  # planner defaults on both sides
-    store = LocalStore(tmp_path / "pvc")
-    store.write_json("demo/prepare/stats.json", {"kept": {"train": 5000, "test": 40}})
-    config = k8s_mod.WHISPER_SHAPES["large-v3"]
-    store.write_json("demo/pretrained/model/config.json", config)
+    large = {**WHISPER_BASE, "d_model": 1280, "encoder_layers": 32, "decoder_layers": 32, "encoder_attention_heads": 20,
+             "decoder_attention_heads": 20, "encoder_ffn_dim": 5120, "decoder_ffn_dim": 5120, "num_mel_bins": 128}
+    facts = {"clips": 5000, "longest_seconds": 12.0, "longest_labels": 60, "rejected": []}
+    store = run_store(tmp_path / "pvc", large, facts)
     res = finetune_resources(pipeline, common, k8s, store)
 
-    node = planner.detect_resources(gpus=1, gpu_mem_bytes=80 * 10**9, host_ram_bytes=125 * 10**9, cpu_count=16,
-                                    gpu_name="", bf16_supported=True)
-    expected = planner.plan(memory.profile_from_hf_config(config, name="x"), n_train=5000, resources=node).pod
+    node = detect_resources(gpus=1, gpu_mem_bytes=80 * 10**9, host_ram_bytes=125 * 10**9, cpu_count=16,
+                            gpu_name="", bf16_supported=True)
+    config = store.read_json("demo/pretrained/model/config.json")
+    expected, _ = make_plan(FinetuneSettings(), get_family("whisper"), config, facts, node)
     assert (res.gpus, res.memory_request, res.memory_limit, res.shm_size) == \
-        (expected.gpus, expected.memory_request, expected.memory_limit, expected.shm_size)
-    assert "5000 train utterances (prepare/stats.json)" in res.source
-    assert "shape from pretrained/model/config.json" in res.source
+        (expected.pod.gpus, expected.pod.memory_request, expected.pod.memory_limit, expected.pod.shm_size)
+    assert "5000 training clips from extract/data_facts.json" in res.source
+    assert res.setup["mode"] == expected.mode and res.setup["per_device_batch"] == expected.per_device_batch
 
-    # Nothing in the store: the reference's shape (whisper-base) and the stated default count.
-    small = finetune_resources(pipeline, common, k8s, None)
-    assert f"{k8s_mod.DEFAULT_N_TRAIN} train utterances assumed" in small.source
-    assert "whisper-base shape" in small.source
-    gib = lambda q: int(q.removesuffix("Gi"))  # noqa: E731
-    assert gib(small.memory_limit) <= gib(res.memory_limit)
+    # Nothing in the store yet (a dry run before the run): default resources, and the Job says why.
+    early = finetune_resources(pipeline, common, k8s, None)
+    assert early.source.startswith("defaults, not planned") and "run pretrained and extract first" in early.source
+    assert (early.memory_request, early.gpus) == ("16Gi", 1)
 
 
 @pytest.mark.parametrize("how", ["k8s.gpus=0", "finetune.device=cpu"])
-def test_cpu_only_training_has_no_gpu_request(how):
+def test_cpu_only_training_has_no_gpu_request(how, tmp_path):
     pipeline, common, k8s = demo(**({"k8s.gpus": "0"} if how == "k8s.gpus=0" else {}))
     if how == "finetune.device=cpu":
         pipeline["finetune"] = {"device": "cpu"}
-    res = finetune_resources(pipeline, common, k8s, None)
+    res = finetune_resources(pipeline, common, k8s, run_store(tmp_path))
+    assert res.setup["world_size"] == 1 and "plan for" in res.source
     job = build_job("finetune", pipeline, common, k8s, res)
     validate(job)
     pod = job["spec"]["template"]["spec"]
@@ -207,33 +229,26 @@ def test_cpu_only_training_has_no_gpu_request(how):
     assert not container(job)["image"].endswith("-cuda")
 
 
-def test_finetune_settings_reach_the_plan():
+def test_finetune_settings_reach_the_plan(tmp_path):
     """The section's batch (the stage's name for it) and mode are the planner's requests."""
     pipeline, common, k8s = demo()
     pipeline["finetune"] = {"batch": 4, "mode": "lora"}
-    res = finetune_resources(pipeline, common, k8s, None)
+    res = finetune_resources(pipeline, common, k8s, run_store(tmp_path))
     assert "lora, plain, batch 4" in res.source
 
 
-def test_memory_override_wins_over_the_plan():
+def test_memory_override_wins_over_the_plan(tmp_path):
     pipeline, common, k8s = demo(**{"k8s.memory": '{"finetune": "300Gi"}'})
-    res = finetune_resources(pipeline, common, k8s, None)
+    res = finetune_resources(pipeline, common, k8s, run_store(tmp_path))
     assert (res.memory_request, res.memory_limit) == ("300Gi", "300Gi")
     assert "k8s.memory.finetune=300Gi" in res.source
 
 
-@pytest.mark.parametrize("ref, shape", [
-    ("bundled:whisper-base", "whisper-base"),
-    ("hf://openai/whisper-small@main", "whisper-small"),
-    ("hf://openai/whisper-large-v3", "whisper-large-v3"),
-    ("hf://openai/whisper-large-v3-turbo", "whisper-large-v3-turbo"),
-    ("s3://models/whisper-medium/", "whisper-medium"),
-    ("/models/my-asr", "whisper-large-v3"),  # names no size: the largest, so memory is not short
-])
-def test_model_profile_from_the_reference(ref, shape):
-    profile, note = model_profile(ref, None)
-    assert profile.name == shape
-    assert ("names no Whisper size" in note) == (ref == "/models/my-asr")
+def test_invalid_finetune_settings_leave_the_pod_to_fail_with_the_reason(tmp_path):
+    pipeline, common, k8s = demo()
+    pipeline["finetune"] = {"mode": "full", "overrides": {"strategy": "zero3", "no_such_decision": 1}}
+    res = finetune_resources(pipeline, common, k8s, run_store(tmp_path))
+    assert res.source.startswith("defaults, the planner gave no plan") and "no_such_decision" in res.source
 
 
 # ------------------------------------------------------------------------------------------------ names
@@ -447,11 +462,11 @@ def test_dry_run_of_the_configmap_pipeline_validates(monkeypatch, capsys):
         assert env_of(job)["ASRFT_ARTIFACTS"] == "/artifacts"
 
 
-def test_standalone_finetune_job_matches_the_executors():
+def test_standalone_finetune_job_matches_the_executors(tmp_path):
     """k8s/finetune-job.yaml keeps the executor's contract: same security, command, volumes, GPU request."""
     manual = by_kind()[("Job", "asr-ft-finetune")]
     pipeline, common, k8s = demo()
-    built = build_job("finetune", pipeline, common, k8s, finetune_resources(pipeline, common, k8s, None))
+    built = build_job("finetune", pipeline, common, k8s, finetune_resources(pipeline, common, k8s, run_store(tmp_path)))
     mc, bc = container(manual), container(built)
     mp, bp = manual["spec"]["template"]["spec"], built["spec"]["template"]["spec"]
     for key in ("securityContext", "restartPolicy", "automountServiceAccountToken", "nodeSelector", "tolerations"):
