@@ -40,6 +40,9 @@ class Stage:
     # override them per step, and the fine-tune plan sizes the GPU step. None: not run as a Job.
     cpu: str | None = None
     memory: str | None = None
+    # "module:function" that sizes the stage's own pod from the run's outputs in the store (the fine-tune plan):
+    # (environment the pod gets, store, run id, node) → (pod resources or None, chosen setup, note)
+    pod_resources: str | None = None
 
 
 STAGES: tuple[Stage, ...] = (
@@ -49,11 +52,11 @@ STAGES: tuple[Stage, ...] = (
           cpu="1", memory="2Gi"),
     Stage("pretrained", "jobs.pretrained", "fetch/convert the base model (hf://, s3://, path, bundled:) · 预训练模型",
           cpu="1", memory="4Gi"),
-    Stage("extract", "jobs.extract", "compute model inputs once (Whisper log-mel cache) · 特征提取",
+    Stage("extract", "jobs.extract", "compute model inputs once (the model family's features) · 特征提取",
           cpu="2", memory="4Gi"),
     Stage("finetune", "jobs.finetune", "plan + train (full / freeze-encoder / LoRA) · 微调",
-          gpu=True, cpu="4", memory="16Gi"),
-    Stage("export", "jobs.export", "inference folders: Hugging Face + CTranslate2 · 导出",
+          gpu=True, cpu="4", memory="16Gi", pod_resources="jobs.finetune.plan:pod_from_store"),
+    Stage("export", "jobs.export", "inference folders, checked offline (whisper: HF + CTranslate2) · 导出",
           cpu="2", memory="4Gi"),
     Stage("evaluate", "jobs.evaluate", "transcribe test sets with each model and score · 评估",
           cpu="2", memory="6Gi"),

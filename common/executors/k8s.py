@@ -225,9 +225,6 @@ class PodResources:
     setup: dict[str, Any] = field(default_factory=dict)  # the training setup the plan chose (mode, strategy, …)
 
 
-GPU_STAGE_RESOURCES = "jobs.finetune.plan:pod_from_store"  # the stage that plans its own pod
-
-
 def training_node(k8s: K8sSettings, finetune: dict[str, Any]) -> dict[str, Any]:
     """One training node as k8s describes it (the plan's machine; nothing is detected on this machine)."""
     gpus = 0 if finetune.get("device") == "cpu" else k8s.gpus
@@ -239,13 +236,13 @@ def training_node(k8s: K8sSettings, finetune: dict[str, Any]) -> dict[str, Any]:
 def finetune_resources(pipeline: dict[str, Any], common: dict[str, Any], k8s: K8sSettings,
                        store: Store | None) -> PodResources:
     """The training pod's resources from the plan the pod itself will make: the finetune stage plans it
-    (``GPU_STAGE_RESOURCES``) from the environment the pod gets, the run's pretrained config and extract's data
+    (its registry entry's ``pod_resources``) from the environment the pod gets, the run's pretrained config and extract's data
     facts in the store, on the node k8s.gpus / gpu_memory_gb / gpu_node_memory_gb / gpu_node_cpus describes.
     Before those outputs exist (a dry run ahead of the run) the Job gets the default resources, and says so.
     k8s.memory / k8s.cpu for finetune replace the plan's numbers."""
     import importlib
 
-    module, _, function = GPU_STAGE_RESOURCES.partition(":")
+    module, _, function = (stage("finetune").pod_resources or "").partition(":")
     pod_from_store = getattr(importlib.import_module(module), function)
     finetune = {k: v for k, v in yaml_section(pipeline, "finetune").items() if k not in common}
     node = training_node(k8s, finetune)

@@ -482,8 +482,8 @@ def transcribe_all(plan: Plan, sets: list[LoadedSet], settings: EvaluateSettings
                     "load_seconds": round(time.perf_counter() - t0, 3), "engine": engine.info}
             log.info("evaluate: model %r: %s → %s", model.name, model.ref.raw, used["folder"])
             info["models"][model.name] = used
-            info.setdefault("decoding", engine.info.get("decoding"))
-            info.setdefault("backend", used.get("backend"))
+            info.setdefault("decoding", engine.info.get("decoding") or {})
+            info.setdefault("backend", used.get("backend") or engine.info.get("backend"))
             for data in sets:
                 bar.set_postfix_str(f"{model.name} / {data.name}")
                 got = transcribe_utterances(engine, data.utterances, batch_size=batch_size, progress=bar.update)
@@ -539,11 +539,13 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
         for set_name, v in sets_.items():
             log.info("evaluate: %-12s %-14s CER %s on %d utterances", model, set_name,
                      "—" if v["cer"] is None else f"{100 * v['cer']:.1f}%", v["n"])
-    return {"metrics": summary, "rejected": len(rejected), "backend": info["backend"], "device": info["device"]}
+    return {"metrics": summary, "rejected": len(rejected), "family": info["family"], "backend": info.get("backend"),
+            "device": info["device"]}
 
 
 def report_extra(info: dict[str, Any], rejected: list[dict[str, Any]]) -> dict[str, Any]:
-    decoding = {**info["decoding"], "backend": info["backend"], "device": info["device"],
+    decoding = {**(info.get("decoding") or {}), "family": info["family"], "backend": info.get("backend"),
+                "device": info["device"],
                 "batch_size": info["batch_size"]}
     if "compute_type" in info:
         decoding["compute_type"] = info["compute_type"]
