@@ -19,7 +19,7 @@ Sets: ``--test-jsonl F`` (records, e.g. prepare's test.jsonl) or ``--test-csv F 
 
 Without any set: the run's ``prepare/test.jsonl`` as ``test``. In every case the real Mandarin dev set is
 added as ``real-zh-dev`` when it is found (``$ASRFT_REAL_ZH_DEV``, else ``<repo>/../shared/data/real-zh-dev``)
-unless ``--no-real-zh-dev``. CSV sets go through prepare's checks; bad rows are reported in
+unless ``--no-real-zh-dev``. CSV sets go through prepare's checks (``common.core.convert``); bad rows are reported in
 ``rejected.jsonl`` and the report, and never stop the stage.
 
 Outputs in ``<artifacts>/<run-id>/evaluate/``: ``predictions.jsonl`` (one line per model × utterance:
@@ -46,6 +46,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
+from common.core.convert import ClipLimits, Converted, convert, scan_csvs
+from common.core.dataset import DatasetError
 from common.core.models import (
     ModelRef,
     ModelRefError,
@@ -385,19 +387,20 @@ def _jsonl_set(entry: SetEntry) -> LoadedSet:
 
 
 def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
-    """CSV + audio folder → utterances, through prepare's checks and conversion (16 kHz mono wav in ``work``)."""
-    from jobs.prepare import Converted, PrepareSettings, convert, scan_inputs
-
-    checks = PrepareSettings.model_construct(  # prepare's defaults (min/max seconds, text rate), no env/YAML
-        train_csv=str(entry.path), audio_dir=str(entry.audio_dir), s3=s3)
-    scan = scan_inputs(checks)
+    """CSV + audio folder → utterances, through prepare's checks and conversion with prepare's default limits
+    (``common.core.convert``; 16 kHz mono wav in ``work``)."""
+    try:
+        scan = scan_csvs([("test", str(entry.path), str(entry.audio_dir))], s3)
+    except DatasetError as e:
+        raise StageFailed(f"set {entry.spec.name!r}: {e}", exit_code=2) from None
+    limits = ClipLimits()
     out_audio = work / entry.spec.name
     out_audio.mkdir(parents=True, exist_ok=True)
     rejected = [{"set": entry.spec.name, **r.to_json()} for r in scan.rejected]
     utterances = []
     for i, job in enumerate(tqdm(scan.jobs, desc=f"evaluate: checking {entry.spec.name}", unit="clip",
                                  mininterval=1.0)):
-        result = convert(job, out_audio, f"{i:06d}.wav", checks)
+        result = convert(job, out_audio, f"{i:06d}.wav", limits)
         if isinstance(result, Converted):
             utterances.append(Utterance(job.utt_id, job.row.text, str(out_audio / result.name), round(result.seconds, 4)))
         else:
