@@ -19,7 +19,7 @@ Outputs in ``<artifacts>/<run-id>/prepare/``:
 - ``stats.json`` — rows kept/rejected per split and per reason, hours, a duration histogram with fixed
   bins, the character inventory, and the sample rates / channels / formats of the original files.
 
-The test split is either a second CSV (``--test-csv``, the seed's layout) or a deterministic hold-out of
+The test split is either a second CSV (``--test-csv``, e.g. an answers.csv) or a deterministic hold-out of
 the train CSV's good rows (``--test-ratio``): rows are ranked by sha256("<seed>:<id>") and the first
 ``round(ratio × n)`` go to test. A row's rank does not depend on the other rows, so adding or removing rows
 moves few others between the splits (a shuffled list would reshuffle them all).
@@ -73,7 +73,7 @@ class PrepareSettings(StageSettings):
         examples=["data/audio", "s3://bucket/data/audio"],
     )
     test_csv: str | None = Field(
-        None, description="CSV of test rows (the seed's answers.csv); or use --test-ratio instead",
+        None, description="CSV of test rows (e.g. answers.csv); or use --test-ratio instead",
         examples=["data/answers.csv"],
     )
     test_audio_dir: str | None = Field(
