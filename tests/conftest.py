@@ -4,6 +4,15 @@
 127.0.0.1 with a free port, started once per test session; yields its endpoint URL. moto accepts any
 credentials: pass :data:`S3_TEST_CREDENTIALS` (or the matching ``--s3-*`` flags) to clients and stages.
 Each test should create its own bucket (e.g. named after the test) so tests do not see each other's objects.
+
+``real_zh_dev``: the folder of a real Mandarin dev set (``transcripts.csv`` with columns audio_id,text +
+``audio/<audio_id>.wav``) for tests that need real human speech. It comes from the developer's or CI's
+environment, never from a path written here:
+
+    ASRFT_REAL_ZH_DEV=/data/real-zh-dev make test
+
+Unset, those tests are skipped (``-ra`` lists them with the variable to set); set to a folder without that
+layout, they fail.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +34,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 S3_TEST_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
 S3_SERVER_START_TIMEOUT = 30.0  # seconds; moto_server starts in ~1-2 s on an idle machine
+REAL_ZH_DEV_ENV = "ASRFT_REAL_ZH_DEV"  # the variable jobs/run/demo.yaml reads the real Mandarin dev set from
+
+
+@pytest.fixture(scope="session")
+def real_zh_dev() -> Path:
+    """The real Mandarin dev set's folder, from $ASRFT_REAL_ZH_DEV; the test is skipped when it is unset."""
+    value = os.environ.get(REAL_ZH_DEV_ENV)
+    if not value:
+        pytest.skip(f"needs real Mandarin speech: set {REAL_ZH_DEV_ENV} to a folder holding transcripts.csv "
+                    "(audio_id,text) and audio/")
+    root = Path(value).expanduser()
+    if not ((root / "transcripts.csv").is_file() and (root / "audio").is_dir()):
+        pytest.fail(f"{REAL_ZH_DEV_ENV}={value}: expected a folder holding transcripts.csv (audio_id,text) and audio/")
+    return root
 
 
 def _free_port() -> int:

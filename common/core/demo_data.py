@@ -1,4 +1,4 @@
-"""Mandarin demo data: graded HSK sentences spoken by eSpeak NG, in the seed's two-CSV layout.
+"""Mandarin demo data: graded HSK sentences spoken by eSpeak NG, as a train CSV and a test (answers) CSV.
 
     from common.core.demo_data import generate_demo_data
     generate_demo_data(Path("demo_data"), n_train=240, n_test=40, seed=0)

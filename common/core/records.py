@@ -1,5 +1,5 @@
-"""Data records in the conversation format of upstream Kimi-Audio fine-tuning (and of the seed report), so
-data prepared here works there and vice versa:
+"""Data records in the conversation format of upstream Kimi-Audio fine-tuning, so data prepared here works
+there and vice versa:
 
     {"id": "utt1", "task_type": "understanding",
      "conversation": [

@@ -33,7 +33,7 @@ from common.core.settings import environment
 
 log = logging.getLogger(__name__)
 
-# Set in every worker's environment (issue 6): NVLink SHARP / multicast objects are not available on every
+# Set in every worker's environment: NVLink SHARP / multicast objects are not available on every
 # multi-GPU machine (they need fabric manager + IMEX), and NCCL or torch's symmetric memory may hang or fail
 # when they try them. Plain NVLink/PCIe transports are as fast for data-parallel gradients of this size.
 WORKER_ENV = {

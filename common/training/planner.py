@@ -7,10 +7,11 @@ the machine (`detect_resources()`), and returns a `Plan`: a list of decisions
 with their margins. `Plan.to_json()` is the content of plan.json. `training_arguments_kwargs()`
 turns a plan into `Seq2SeqTrainingArguments` keywords the installed transformers accepts.
 
-Each decision is a lesson of the seed report (Kimi-Audio fine-tuned on 9 clips):
+Each decision prevents a failure that a small fine-tune run by hand meets; a Kimi-Audio-7B fine-tune on
+9 Chinese clips met all of them:
 - world size never exceeds what the data can feed (9 samples on 8 GPUs hung in NCCL -> 1 GPU);
-- `save_steps` never exceeds the total steps (save_steps=1000 on a 45-step run saved nothing),
-  and the final model is always saved;
+- `save_steps` never exceeds the total steps (a 9-clip fine-tune with save_steps=1000 ran 45 steps and never
+  saved a checkpoint), and the final model is always saved;
 - no evaluation split that would be empty or tiny;
 - the memory setup is checked against GPU memory AND host RAM (ZeRO-3 OOMed on one 95 GB GPU;
   CPU offload of a 10 B model needs ~250-280 GB of host RAM), falling back to LoRA;
@@ -103,18 +104,18 @@ DEFAULT_SAFETY_MARGIN = 0.10  # keep 10% of GPU memory and host RAM free: alloca
 MIN_SAMPLES_PER_RANK = 32  # below this a GPU spends more on NCCL start-up and sync than it computes
 EVAL_HOLDOUT_RATIO = 0.05  # upstream Kimi-Audio recipe's eval_ratio
 MIN_EVAL_SAMPLES = 16  # fewer eval utterances give a loss/CER too noisy to act on
-TINY_DATA_MAX = 100  # "tens of samples" (the seed had 9)
+TINY_DATA_MAX = 100  # "tens of samples", e.g. a first fine-tune on 9 clips
 SMALL_DATA_MAX = 1000
 # per regime: epochs, warmup ratio, target effective batch, largest automatic per-device batch
 REGIMES = {
-    "tiny": {"epochs": 10, "warmup_ratio": 0.1, "target_batch": 4, "max_auto_batch": 4},  # seed's final run
+    "tiny": {"epochs": 10, "warmup_ratio": 0.1, "target_batch": 4, "max_auto_batch": 4},  # a 9-clip run's values
     "small": {"epochs": 5, "warmup_ratio": 0.05, "target_batch": 16, "max_auto_batch": 16},
     "large": {"epochs": 3, "warmup_ratio": 0.05, "target_batch": 32, "max_auto_batch": 64},
 }
 AUTO_BATCHES_GPU = (64, 32, 16, 8, 4, 2, 1)
 AUTO_BATCHES_CPU = (8, 4, 2, 1)
 MIN_EFFICIENT_GPU_BATCH = 8  # prefer a setup that runs >= 8 samples per step over one that runs fewer
-DEFAULT_WEIGHT_DECAY = 0.01  # seed: 0.1 -> 0.01 for small data
+DEFAULT_WEIGHT_DECAY = 0.01  # upstream Kimi-Audio's 0.1, lowered for small data
 DEFAULT_SCHEDULER = "cosine"
 TARGET_CHECKPOINTS = 5  # save about five times per run ...
 MAX_SAVE_STEPS = 500  # ... but at least every 500 steps, so an interruption loses little
@@ -868,8 +869,8 @@ def _world_size(
         reason = (
             f"{n_train} training samples on {resources.gpus} GPUs would leave each rank "
             f"{n_train / resources.gpus:.1f} samples per epoch; a rank needs at least one full batch and "
-            f"{MIN_SAMPLES_PER_RANK} samples to pay for NCCL start-up and per-step sync (the seed's 9 samples "
-            f"on 8 GPUs hung in NCCL); limit: {binding} -> {world} GPU(s)"
+            f"{MIN_SAMPLES_PER_RANK} samples to pay for NCCL start-up and per-step sync (9 samples on 8 GPUs "
+            f"hang in NCCL); limit: {binding} -> {world} GPU(s)"
         )
     world = d.decide("world_size", world, reason)
     if device == "cuda" and not 1 <= world <= max(1, resources.gpus):
@@ -886,7 +887,8 @@ def _default_lr(mode: Mode, params: int) -> tuple[float, str]:
         return 1e-5, "full/decoder fine-tune of a < 1 B model: 1e-5 (Hugging Face Whisper recipe)"
     if params < 5 * 10**9:
         return 5e-6, "full/decoder fine-tune of a 1-5 B model: 5e-6"
-    return 3e-6, "full/decoder fine-tune of a >= 5 B model: 3e-6 (the seed's value for Kimi-Audio on 9 samples)"
+    return 3e-6, ("full/decoder fine-tune of a >= 5 B model: 3e-6 (what a 9-clip Kimi-Audio-7B fine-tune "
+                  "trained with; 1e-5 risks overfitting)")
 
 
 def _batches(requested: int | None, device: str, regime: str, n_train: int, world: int) -> tuple[list[int], list[int]]:
@@ -1059,13 +1061,13 @@ def _schedule(
     epochs = d.decide(
         "epochs", epochs if epochs is not None else r["epochs"],
         "requested" if epochs is not None else f"'{regime}' data: {r['epochs']} epochs"
-        + (" (the seed went 5 -> 10 on 9 samples)" if regime == "tiny" else ""),
+        + (" (epochs 5 -> 10 suits tens of samples)" if regime == "tiny" else ""),
     )
     default_lr, lr_reason = _default_lr(mode, profile.total_params)
     lr = d.decide("lr", lr if lr is not None else default_lr, "requested" if lr is not None else lr_reason)
     d.decide(
         "weight_decay", weight_decay if weight_decay is not None else DEFAULT_WEIGHT_DECAY,
-        "requested" if weight_decay is not None else "0.01 (the seed lowered 0.1 -> 0.01 for small data)",
+        "requested" if weight_decay is not None else "0.01 (upstream Kimi-Audio's 0.1, lowered for small data)",
     )
     scheduler = d.decide(
         "scheduler", scheduler or DEFAULT_SCHEDULER,
@@ -1100,8 +1102,8 @@ def _steps(
     if save_steps:
         value = min(save_steps, total)
         reason = (
-            f"requested {save_steps} > {total} total steps would never save (the seed's save_steps=1000 on 45 "
-            f"steps): save every {value}" if save_steps > total else "requested"
+            f"requested {save_steps} > {total} total steps would never save a checkpoint (save_steps=1000 on a "
+            f"45-step run saves none): save every {value}" if save_steps > total else "requested"
         )
     else:
         value = min(max(1, math.ceil(total / TARGET_CHECKPOINTS)), MAX_SAVE_STEPS)

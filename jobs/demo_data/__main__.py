@@ -3,7 +3,8 @@
     asr-ft demo-data --out demo_data --n-train 240 --n-test 40 --seed 0
 
 Environment: ASRFT_DEMO_DATA_OUT, ASRFT_DEMO_DATA_N_TRAIN, ASRFT_DEMO_DATA_N_TEST, ASRFT_DEMO_DATA_SEED.
-Writes the seed report's layout: `audio/` + `train.csv`, `test_audio/` + `answers.csv` (columns audio_id,text).
+Writes a train and a test set, each a CSV + audio folder: `audio/` + `train.csv`, `test_audio/` + `answers.csv`
+(columns audio_id,text), the layout `asr-ft prepare --test-csv` reads.
 A folder already generated with the same settings is kept (`--force` regenerates).
 """
 

@@ -9,18 +9,20 @@ folder in Hugging Face or CTranslate2 format). Without it, inside a pipeline run
 The first model is the baseline the report compares the others with.
 
 Sets: ``--test-jsonl F`` (records, e.g. prepare's test.jsonl) or ``--test-csv F --test-audio-dir D`` named
-``--set-name``; several sets with ``sets`` in YAML::
+``--set-name``; several sets with ``--sets`` or ``sets`` in YAML, scored in the order given::
 
     evaluate:
       sets:
-        - {name: test, jsonl: "run:prepare/test.jsonl"}        # a file of this run
-        - {name: real-zh-dev, csv: ../shared/data/real-zh-dev/transcripts.csv,
-           audio_dir: ../shared/data/real-zh-dev/audio, optional: true}
+        - {name: test, jsonl: "run:prepare/test.jsonl"}                   # a file of this run
+        - {name: answers, csv: data/answers.csv, audio_dir: data/test_audio}
+        - {name: real-zh-dev, dir: "${ASRFT_REAL_ZH_DEV}", optional: true}  # a folder: transcripts.csv + audio/
 
-Without any set: the run's ``prepare/test.jsonl`` as ``test``. In every case the real Mandarin dev set is
-added as ``real-zh-dev`` when it is found (``$ASRFT_REAL_ZH_DEV``, else ``<repo>/../shared/data/real-zh-dev``)
-unless ``--no-real-zh-dev``. CSV sets go through prepare's checks; bad rows are reported in
-``rejected.jsonl`` and the report, and never stop the stage.
+Exactly the sets given are scored; without any, the run's ``prepare/test.jsonl`` as ``test``. A ``dir`` set is
+a folder holding ``transcripts.csv`` (audio id + text) and ``audio/``. Paths may name environment variables
+as ``${VAR}``. A set whose variable is unset or whose files are missing stops the stage before any model is
+loaded, unless it is ``optional``: then it is skipped with a warning that says what to set. CSV rows go
+through prepare's checks (``common.core.convert``); bad rows are reported in ``rejected.jsonl`` and the report,
+and never stop the stage.
 
 Outputs in ``<artifacts>/<run-id>/evaluate/``: ``predictions.jsonl`` (one line per model × utterance:
 id, reference, hypothesis, model, set, duration, decode_seconds, normalized texts, CER), ``metrics.json``
@@ -46,6 +48,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
+from common.core.convert import ClipLimits, Converted, convert, scan_csvs
+from common.core.dataset import DatasetError
 from common.core.models import (
     ModelRef,
     ModelRefError,
@@ -73,16 +77,11 @@ log = logging.getLogger(__name__)
 STAGE = "evaluate"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 RUN_FILE_PREFIX = "run:"  # "run:prepare/test.jsonl" = a file of another stage of this run
-REAL_ZH_DEV = "real-zh-dev"
-REAL_ZH_DEV_ENV = "ASRFT_REAL_ZH_DEV"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+DIR_PREFIX = "dir:"  # "NAME=dir:FOLDER", the flag form of a `dir` set
+DIR_CSV, DIR_AUDIO = "transcripts.csv", "audio"  # a `dir` set's folder: FOLDER/transcripts.csv + FOLDER/audio/
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${VAR} in a set's path
 BATCH_SIZE = {"cpu": 8, "cuda": 32}  # CPU: no gain beyond ~8 on a few cores; GPU: 32 clips of 30 s in bf16 fit easily
 COMPUTE_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
-
-
-def real_zh_dev_dir() -> Path:
-    """Where the real Mandarin dev set lives: $ASRFT_REAL_ZH_DEV, else <repo root>/../shared/data/real-zh-dev."""
-    return Path(os.environ.get(REAL_ZH_DEV_ENV) or REPO_ROOT.parent / "shared" / "data" / REAL_ZH_DEV)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +90,8 @@ def real_zh_dev_dir() -> Path:
 
 
 class SetSpec(BaseModel):
-    """One test set: records JSONL, or a transcript CSV + audio folder (checked like prepare's input)."""
+    """One test set: records JSONL, a transcript CSV + audio folder, or a folder holding both (``dir``); CSV rows
+    are checked like prepare's input. Paths may name environment variables as ``${VAR}``."""
 
     model_config = {"extra": "forbid"}
 
@@ -99,12 +99,14 @@ class SetSpec(BaseModel):
     jsonl: str | None = Field(None, description="records JSONL; run:prepare/test.jsonl = a file of this run")
     csv: str | None = Field(None, description="transcript CSV (audio id + text)")
     audio_dir: str | None = Field(None, description="folder with the CSV's audio files")
-    optional: bool = Field(False, description="skip the set with a warning when its files are missing")
+    dir: str | None = Field(None, description=f"folder holding {DIR_CSV} (audio id + text) and {DIR_AUDIO}/")
+    optional: bool = Field(False, description="skip the set with a warning when its files or variables are missing")
 
     @model_validator(mode="after")
     def _one_source(self) -> SetSpec:
-        if bool(self.jsonl) == bool(self.csv):
-            raise ValueError(f"set {self.name!r}: give either jsonl (records) or csv + audio_dir, exactly one")
+        if sum(map(bool, (self.jsonl, self.csv, self.dir))) != 1:
+            raise ValueError(f"set {self.name!r}: give exactly one of jsonl (records), csv + audio_dir, or dir "
+                             f"(a folder holding {DIR_CSV} and {DIR_AUDIO}/)")
         if self.csv and not self.audio_dir:
             raise ValueError(f"set {self.name!r}: csv needs audio_dir (the folder holding its audio files)")
         if self.audio_dir and not self.csv:
@@ -113,10 +115,12 @@ class SetSpec(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> dict[str, Any]:
-        """``NAME=FILE.jsonl`` or ``NAME=FILE.csv,AUDIO_DIR`` (the flag/env form of one set)."""
+        """``NAME=FILE.jsonl``, ``NAME=FILE.csv,AUDIO_DIR`` or ``NAME=dir:FOLDER`` (the flag/env form of one set)."""
         name, sep, source = text.partition("=")
         if not sep or not source:
-            raise ValueError(f"set {text!r}: expected NAME=FILE.jsonl or NAME=FILE.csv,AUDIO_DIR")
+            raise ValueError(f"set {text!r}: expected NAME=FILE.jsonl, NAME=FILE.csv,AUDIO_DIR or NAME=dir:FOLDER")
+        if source.startswith(DIR_PREFIX):
+            return {"name": name.strip(), "dir": source[len(DIR_PREFIX):].strip()}
         if "," in source:
             csv_path, audio_dir = source.split(",", 1)
             return {"name": name.strip(), "csv": csv_path.strip(), "audio_dir": audio_dir.strip()}
@@ -153,12 +157,11 @@ class EvaluateSettings(StageSettings):
     set_name: str = Field("test", pattern=NAME_PATTERN, description="name of the --test-jsonl/--test-csv set")
     sets: list[SetSpec] = Field(
         default_factory=list,
-        description="several test sets: NAME=FILE.jsonl or NAME=FILE.csv,AUDIO_DIR (YAML: list of "
-                    "{name, jsonl | csv + audio_dir, optional})",
-        examples=["dev=data/dev.jsonl", "real=data/real.csv,data/real_audio"],
+        description=f"several test sets, scored in this order: NAME=FILE.jsonl, NAME=FILE.csv,AUDIO_DIR or "
+                    f"NAME=dir:FOLDER (a folder holding {DIR_CSV} and {DIR_AUDIO}/); paths may name environment "
+                    "variables as ${VAR} (YAML: list of {name, jsonl | csv + audio_dir | dir, optional})",
+        examples=["dev=data/dev.jsonl", "real=data/real.csv,data/real_audio", "real=dir:${MY_DEV_SET}"],
     )
-    real_zh_dev: bool = Field(True, description=f"also score the real Mandarin dev set when found (${REAL_ZH_DEV_ENV}, "
-                                                "else ../shared/data/real-zh-dev next to the repo)")
     family: str | None = Field(None, description=f"model family of the models [default: the run's, else "
                                f"{DEFAULT_FAMILY}]", examples=["whisper"])
     backend: str = Field(
@@ -233,7 +236,7 @@ class ModelEntry:
 class SetEntry:
     spec: SetSpec
     path: Path  # the JSONL or CSV
-    audio_dir: Path | None
+    audio_dir: Path | None  # the CSV's audio folder; None for a JSONL
     fingerprint: Any
 
 
@@ -241,7 +244,7 @@ class SetEntry:
 class Plan:
     models: list[ModelEntry] = field(default_factory=list)
     sets: list[SetEntry] = field(default_factory=list)
-    skipped_sets: list[str] = field(default_factory=list)
+    skipped_sets: list[dict[str, str]] = field(default_factory=list)  # optional sets not found: {set, reason}
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -286,29 +289,59 @@ def _file_fingerprint(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _set_entry(spec: SetSpec, store: Store, run_id: str) -> SetEntry | None:
-    """Resolve a set's files; None (logged) for a missing optional set."""
-    if spec.jsonl and spec.jsonl.startswith(RUN_FILE_PREFIX):
-        rel = Path(spec.jsonl[len(RUN_FILE_PREFIX):])
+class SetUnavailable(Exception):
+    """A set's files or variables cannot be found; the message says what was expected."""
+
+
+SOURCE_WHAT = {  # what each path of a set must point to, for messages
+    "jsonl": "a records JSONL file (e.g. a prepare test.jsonl)",
+    "csv": "a transcript CSV (audio id + text)",
+    "audio_dir": "the folder holding the CSV's audio files",
+    "dir": f"a folder holding {DIR_CSV} (audio id + text) and {DIR_AUDIO}/ (its audio files)",
+}
+
+
+def expand_env(text: str, what: str) -> str:
+    """``text`` with each ``${VAR}`` replaced by that environment variable; SetUnavailable saying which variable
+    to set, and to what, when one is unset or empty."""
+    def value(m: re.Match) -> str:
+        if not os.environ.get(m.group(1)):
+            raise SetUnavailable(f"${m.group(1)} is not set; set {m.group(1)} to {what}")
+        return os.environ[m.group(1)]
+
+    return ENV_REFERENCE.sub(value, text)
+
+
+def _set_entry(spec: SetSpec, store: Store, run_id: str) -> SetEntry:
+    """Resolve a set's files and fingerprint them; SetUnavailable when a variable is unset or a file missing."""
+    source = "jsonl" if spec.jsonl else "csv" if spec.csv else "dir"
+    raw = {source: getattr(spec, source), **({"audio_dir": spec.audio_dir} if spec.audio_dir else {})}
+    text = {key: expand_env(value, SOURCE_WHAT[key]) for key, value in raw.items()}
+    if source == "jsonl" and text["jsonl"].startswith(RUN_FILE_PREFIX):
+        rel = Path(text["jsonl"][len(RUN_FILE_PREFIX):])
         stage = rel.parts[0] if rel.parts else ""
         found = _run_stage_folder(store, run_id, stage)
         if found is None:
-            if spec.optional:
-                log.warning("evaluate: set %r skipped: stage %r has not completed in run %r", spec.name, stage, run_id)
-                return None
-            raise StageFailed(f"set {spec.name!r}: {spec.jsonl} needs the '{stage}' stage of run '{run_id}'; run "
-                              f"`asr-ft {stage}` first or give a file path", exit_code=2)
+            raise SetUnavailable(f"{raw['jsonl']} needs the '{stage}' stage of run '{run_id}', which has not "
+                                 f"completed; run `asr-ft {stage}` first or give a file path")
         path = found[0] / Path(*rel.parts[1:])
         return SetEntry(spec, path, None, {"stage": stage, "fingerprint": found[1], "file": str(rel)})
-    path = Path(spec.jsonl or spec.csv).expanduser()
-    audio_dir = Path(spec.audio_dir).expanduser() if spec.audio_dir else None
-    missing = [str(p) for p in (path, audio_dir) if p is not None and not p.exists()]
+    if source == "dir":
+        folder = Path(text["dir"]).expanduser()
+        path, audio_dir = folder / DIR_CSV, folder / DIR_AUDIO
+        missing = [p for p in (path, audio_dir) if not p.exists()] if folder.is_dir() else [folder]
+        expected = f"{folder} must be {SOURCE_WHAT['dir']}"
+    else:
+        path = Path(text[source]).expanduser()
+        audio_dir = Path(text["audio_dir"]).expanduser() if "audio_dir" in text else None
+        missing = [p for p in (path, audio_dir) if p is not None and not p.exists()]
+        expected = "check the path"
     if missing:
-        if spec.optional:
-            log.warning("evaluate: set %r skipped: %s not found", spec.name, ", ".join(missing))
-            return None
-        raise StageFailed(f"set {spec.name!r}: {', '.join(missing)} not found; check the path (relative paths are "
-                          f"relative to {Path.cwd()})", exit_code=2)
+        via = [value for key, value in raw.items() if text[key] != value]
+        where = f" (from {', '.join(via)})" if via else ""
+        if any(not p.is_absolute() for p in missing):
+            expected += f" (relative paths are relative to {Path.cwd()})"
+        raise SetUnavailable(f"{', '.join(map(str, missing))} not found{where}; {expected}")
     fingerprint: dict[str, Any] = {"file": _file_fingerprint(path)}
     if audio_dir is not None:
         fingerprint["audio"] = listing_fingerprint(audio_dir)
@@ -316,7 +349,8 @@ def _set_entry(spec: SetSpec, store: Store, run_id: str) -> SetEntry | None:
 
 
 def plan_evaluation(settings: EvaluateSettings, store: Store) -> Plan:
-    """Models and sets to evaluate, with their fingerprints. Loads no model and reads no audio."""
+    """Models and sets to evaluate, with their fingerprints. Loads no model and reads no audio: a required set
+    that cannot be found stops the stage here; an optional one is skipped with a warning."""
     plan = Plan()
     if settings.model:
         for text in settings.model:
@@ -327,16 +361,14 @@ def plan_evaluation(settings: EvaluateSettings, store: Store) -> Plan:
     specs = settings.set_specs()
     if not specs:
         specs = [SetSpec(name="test", jsonl=RUN_FILE_PREFIX + "prepare/test.jsonl", optional=True)]
-    if settings.real_zh_dev and REAL_ZH_DEV not in {s.name for s in specs}:
-        root = real_zh_dev_dir()
-        specs.append(SetSpec(name=REAL_ZH_DEV, csv=str(root / "transcripts.csv"), audio_dir=str(root / "audio"),
-                             optional=True))
     for spec in specs:
-        entry = _set_entry(spec, store, settings.run_id)
-        if entry is None:
-            plan.skipped_sets.append(spec.name)
-        else:
-            plan.sets.append(entry)
+        try:
+            plan.sets.append(_set_entry(spec, store, settings.run_id))
+        except SetUnavailable as e:
+            if not spec.optional:
+                raise StageFailed(f"set {spec.name!r}: {e}", exit_code=2) from None
+            log.warning("evaluate: optional set %r skipped: %s", spec.name, e)
+            plan.skipped_sets.append({"set": spec.name, "reason": str(e)})
     if not plan.sets:
         raise StageFailed("no test set to evaluate on: pass --test-jsonl FILE, or --test-csv FILE --test-audio-dir "
                           "DIR, or run `asr-ft prepare` with a test split first", exit_code=2)
@@ -381,19 +413,20 @@ def _jsonl_set(entry: SetEntry) -> LoadedSet:
 
 
 def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
-    """CSV + audio folder → utterances, through prepare's checks and conversion (16 kHz mono wav in ``work``)."""
-    from jobs.prepare import Converted, PrepareSettings, convert, scan_inputs
-
-    checks = PrepareSettings.model_construct(  # prepare's defaults (min/max seconds, text rate), no env/YAML
-        train_csv=str(entry.path), audio_dir=str(entry.audio_dir), s3=s3)
-    scan = scan_inputs(checks)
+    """CSV + audio folder → utterances, through prepare's checks and conversion with prepare's default limits
+    (``common.core.convert``; 16 kHz mono wav in ``work``)."""
+    try:
+        scan = scan_csvs([("test", str(entry.path), str(entry.audio_dir))], s3)
+    except DatasetError as e:
+        raise StageFailed(f"set {entry.spec.name!r}: {e}", exit_code=2) from None
+    limits = ClipLimits()
     out_audio = work / entry.spec.name
     out_audio.mkdir(parents=True, exist_ok=True)
     rejected = [{"set": entry.spec.name, **r.to_json()} for r in scan.rejected]
     utterances = []
     for i, job in enumerate(tqdm(scan.jobs, desc=f"evaluate: checking {entry.spec.name}", unit="clip",
                                  mininterval=1.0)):
-        result = convert(job, out_audio, f"{i:06d}.wav", checks)
+        result = convert(job, out_audio, f"{i:06d}.wav", limits)
         if isinstance(result, Converted):
             utterances.append(Utterance(job.utt_id, job.row.text, str(out_audio / result.name), round(result.seconds, 4)))
         else:
@@ -408,7 +441,7 @@ def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
 def load_sets(plan: Plan, work: Path, s3) -> list[LoadedSet]:
     loaded = []
     for entry in plan.sets:
-        data = _csv_set(entry, work, s3) if entry.spec.csv else _jsonl_set(entry)
+        data = _jsonl_set(entry) if entry.audio_dir is None else _csv_set(entry, work, s3)
         if data.rejected:
             log.warning("evaluate: set %r: %d bad row(s) skipped (see rejected.jsonl): %s", data.name,
                         len(data.rejected), "; ".join(f"line {r.get('line')}: {r['reason']}" for r in data.rejected[:5]))
@@ -560,5 +593,5 @@ def report_extra(info: dict[str, Any], rejected: list[dict[str, Any]]) -> dict[s
             "reason": r["reason"], "message": r["message"]} for r in rejected]
     extra["Rejected rows (not scored) · 被拒行(未计分)"] = bad or "None · 无."
     if info["skipped_sets"]:
-        extra["Skipped sets · 跳过的测试集"] = ", ".join(info["skipped_sets"]) + " (files not found)"
+        extra["Skipped optional sets · 跳过的可选测试集"] = info["skipped_sets"]
     return extra

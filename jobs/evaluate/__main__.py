@@ -10,12 +10,16 @@ an `asr-ft export` folder. Decoding: greedy (--beam-size), Chinese transcription
 --max-new-tokens tokens, each model's suppression lists; CTranslate2 on CPU (--compute-type for every model),
 transformers generate in bf16 on a GPU.
 
+Sets: exactly those given (--test-jsonl / --test-csv, --sets NAME=FILE.jsonl | NAME=FILE.csv,AUDIO_DIR |
+NAME=dir:FOLDER, a folder holding transcripts.csv + audio/), else the run's prepare/test.jsonl. Their paths may
+name environment variables as ${VAR}; the demo pipeline scores the real Mandarin dev set at ${ASRFT_REAL_ZH_DEV}
+when that variable is set.
+
 Environment: ASRFT_EVALUATE_MODEL (JSON list), ASRFT_EVALUATE_TEST_JSONL, ASRFT_EVALUATE_TEST_CSV,
-ASRFT_EVALUATE_TEST_AUDIO_DIR, ASRFT_EVALUATE_SET_NAME, ASRFT_EVALUATE_SETS (JSON list), ASRFT_EVALUATE_REAL_ZH_DEV,
+ASRFT_EVALUATE_TEST_AUDIO_DIR, ASRFT_EVALUATE_SET_NAME, ASRFT_EVALUATE_SETS (JSON list),
 ASRFT_EVALUATE_BACKEND, ASRFT_EVALUATE_DEVICE, ASRFT_EVALUATE_COMPUTE_TYPE, ASRFT_EVALUATE_BEAM_SIZE,
 ASRFT_EVALUATE_MAX_NEW_TOKENS, ASRFT_EVALUATE_BATCH_SIZE, ASRFT_EVALUATE_THREADS, ASRFT_EVALUATE_TITLE;
-ASRFT_REAL_ZH_DEV (where the real Mandarin dev set is); common: ASRFT_ARTIFACTS, ASRFT_RUN_ID, ASRFT_FORCE,
-ASRFT_LOG_LEVEL, ASRFT_S3__* .
+common: ASRFT_ARTIFACTS, ASRFT_RUN_ID, ASRFT_FORCE, ASRFT_LOG_LEVEL, ASRFT_S3__* .
 
 Writes <artifacts>/<run-id>/evaluate/: predictions.jsonl, metrics.json ({model: {set: {cer, wer, exact,
 similarity, n, audio_seconds, rtf, ...}}}), report.md, report.html, run_info.json (decoding settings,
@@ -36,6 +40,7 @@ EXAMPLES = """examples:
       --test-csv data/answers.csv --test-audio-dir data/test_audio --set-name answers
   asr-ft evaluate --model small=hf://openai/whisper-small --test-jsonl runs/demo/prepare/test.jsonl --beam-size 5
   ASRFT_EVALUATE_SETS='[{"name": "dev", "jsonl": "data/dev.jsonl"}]' asr-ft evaluate --run-id demo
+  asr-ft evaluate --run-id demo --sets test=run:prepare/test.jsonl --sets 'real=dir:${MY_DEV_SET}'
 
 中文: 用相同的解码设置转写测试集, 计算字错率等指标, 输出 predictions.jsonl、metrics.json 与报告。
 """

@@ -3,6 +3,9 @@
     scan = scan_inputs(settings)     # read the CSVs, check each row, find its audio file (no decoding)
     summary = prepare(ctx, scan)     # decode + convert the audio, split, write the outputs
 
+The row checks and the conversion of one clip are ``common.core.convert``'s (evaluate checks its CSV sets with
+the same code); this stage adds the split, the records, the duplicate-audio check and the stats.
+
 Outputs in ``<artifacts>/<run-id>/prepare/``:
 
 - ``audio/<name>.wav`` — every kept clip once, 16 kHz mono 16-bit PCM (``<name>`` is the id, made
@@ -16,7 +19,7 @@ Outputs in ``<artifacts>/<run-id>/prepare/``:
 - ``stats.json`` — rows kept/rejected per split and per reason, hours, a duration histogram with fixed
   bins, the character inventory, and the sample rates / channels / formats of the original files.
 
-The test split is either a second CSV (``--test-csv``, the seed's layout) or a deterministic hold-out of
+The test split is either a second CSV (``--test-csv``, e.g. an answers.csv) or a deterministic hold-out of
 the train CSV's good rows (``--test-ratio``): rows are ranked by sha256("<seed>:<id>") and the first
 ``round(ratio × n)`` go to test. A row's rank does not depend on the other rows, so adding or removing rows
 moves few others between the splits (a shuffled list would reshuffle them all).
@@ -34,7 +37,6 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,37 +44,12 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
-from common.core.audio import (
-    SAMPLE_RATE,
-    AudioProblem,
-    check_audio,
-    duration,
-    fit_full_scale,
-    load_audio,
-    write_wav16,
-)
-from common.core.dataset import (
-    REASONS,
-    AudioFile,
-    DatasetError,
-    LocalAudioDir,
-    Problem,
-    Rejected,
-    Row,
-    S3AudioDir,
-    check_id_path,
-    check_text,
-    check_text_rate,
-    open_audio_dir,
-    read_csv,
-    read_input_bytes,
-    safe_file_name,
-    utterance_id,
-)
+from common.core.convert import MAX_SECONDS, MIN_SECONDS, ClipLimits, Converted, Job, Scan, convert, scan_csvs
+from common.core.dataset import MAX_CHARS_PER_SECOND, REASONS, DatasetError, Problem, Rejected, safe_file_name
 from common.core.records import make_record, transcript, write_jsonl
 from common.core.settings import StageSettings
 from common.core.stage import StageContext, StageFailed
-from common.core.store import StoreError, atomic_write_bytes, sha256_file
+from common.core.store import atomic_write_bytes
 from common.core.text import is_cjk_char
 
 log = logging.getLogger(__name__)
@@ -96,7 +73,7 @@ class PrepareSettings(StageSettings):
         examples=["data/audio", "s3://bucket/data/audio"],
     )
     test_csv: str | None = Field(
-        None, description="CSV of test rows (the seed's answers.csv); or use --test-ratio instead",
+        None, description="CSV of test rows (e.g. answers.csv); or use --test-ratio instead",
         examples=["data/answers.csv"],
     )
     test_audio_dir: str | None = Field(
@@ -116,12 +93,12 @@ class PrepareSettings(StageSettings):
         None, description="transcript column name [default: auto: text, transcript, sentence, label, answer]",
         examples=["text"],
     )
-    min_seconds: float = Field(0.1, gt=0, description="shortest clip kept, seconds")
+    min_seconds: float = Field(MIN_SECONDS, gt=0, description="shortest clip kept, seconds")
     max_seconds: float = Field(
-        30.0, gt=0, description="longest clip kept, seconds (Whisper's window is 30 s)", examples=[30],
+        MAX_SECONDS, gt=0, description="longest clip kept, seconds (Whisper's window is 30 s)", examples=[30],
     )
     max_chars_per_second: float = Field(
-        15.0, gt=0, description="reject transcripts longer than 5 + this × seconds (characters/words)",
+        MAX_CHARS_PER_SECOND, gt=0, description="reject transcripts longer than 5 + this × seconds (characters/words)",
     )
     workers: int = Field(0, ge=0, description="decoding threads (0 = one per CPU, at most 8)", examples=[0, 4])
 
@@ -148,114 +125,23 @@ class PrepareSettings(StageSettings):
 # ------------------------------------------------------------------------------------------------ scan
 
 
-@dataclass
-class Job:
-    """A row whose text passed and whose audio file exists: to be decoded."""
-
-    row: Row
-    utt_id: str
-    file: AudioFile
-    audio_dir: LocalAudioDir | S3AudioDir
-
-
-@dataclass
-class Scan:
-    jobs: list[Job] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
-    rows: Counter = field(default_factory=Counter)  # data rows per split
-    inputs: dict[str, Any] = field(default_factory=dict)
-
-
 def scan_inputs(settings: PrepareSettings) -> Scan:
     """Read the CSV(s), check every row up to finding its file; fingerprint the inputs. No audio is decoded."""
     sources = [("train", settings.train_csv, settings.audio_dir)]
     if settings.test_csv:
         sources.append(("test", settings.test_csv, settings.test_audio_dir or settings.audio_dir))
-    scan = Scan()
-    first_use: dict[str, Row] = {}  # utterance id → the row that used it first
     try:
-        for split, csv_uri, audio_uri in sources:
-            data = read_input_bytes(csv_uri, settings.s3, what=f"{split} CSV")
-            scan.inputs[f"{split}_csv"] = {"uri": csv_uri, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            table = read_csv(data, name=Path(csv_uri).name, split=split,
-                             id_column=settings.id_column, text_column=settings.text_column)
-            scan.rows[split] = len(table.rows) + len(table.rejected)
-            scan.rejected += table.rejected
-            audio_dir = open_audio_dir(audio_uri, settings.s3)
-            for row in table.rows:
-                checked = _check_row(row, audio_dir, first_use)
-                if isinstance(checked, Job):
-                    scan.jobs.append(checked)
-                else:
-                    scan.rejected.append(Rejected.of(row, checked))
+        return scan_csvs(sources, settings.s3, id_column=settings.id_column, text_column=settings.text_column)
     except DatasetError as e:
         raise StageFailed(str(e), exit_code=2) from None
-    listing = sorted((j.file.uri, j.file.size, j.file.version) for j in scan.jobs)
-    scan.inputs["audio"] = {"files": len(listing),
-                            "sha256": hashlib.sha256(repr(listing).encode()).hexdigest()}
-    return scan
-
-
-def _check_row(row: Row, audio_dir: LocalAudioDir | S3AudioDir, first_use: dict[str, Row]) -> Job | Problem:
-    """The checks before decoding, in the documented order: path, duplicate id, text, file."""
-    problem = check_id_path(row.id)
-    if problem is not None:
-        return problem
-    utt = utterance_id(row.id)
-    if utt in first_use:
-        return _duplicate(utt, first_use[utt])
-    first_use[utt] = row  # the first row claims the id even if it is rejected later
-    problem = check_text(row.text)
-    if problem is not None:
-        return problem
-    found = audio_dir.find(row.id)
-    return found if isinstance(found, Problem) else Job(row, utt, found, audio_dir)
-
-
-def _duplicate(utt: str, first: Row) -> Problem:
-    where = f"line {first.line} of {first.csv}" + (" (the train CSV)" if first.split == "train" else "")
-    return Problem("duplicate_id", f"the id {utt!r} is already used by {where}; the first row is kept. Ids must "
-                                   "be unique across train and test (records, features and predictions are keyed "
-                                   "by id) — rename one of them or remove the repeated row")
 
 
 # ------------------------------------------------------------------------------------------------ convert
 
 
-@dataclass
-class Converted:
-    name: str  # output file name
-    seconds: float
-    sha256: str  # of the original file's bytes
-    sample_rate: int
-    channels: int
-    format: str
-    gain: float
-
-
-def convert(job: Job, out_audio: Path, name: str, settings: PrepareSettings) -> Converted | Problem:
-    """Decode, check and write one clip → Converted, or the Problem that rejects it."""
-    try:
-        src = job.audio_dir.fetch(job.file)
-        digest = sha256_file(src) if isinstance(src, Path) else hashlib.sha256(src).hexdigest()
-        samples, info = load_audio(src, max_seconds=settings.max_seconds)
-    except AudioProblem as e:
-        return Problem(e.reason, str(e))
-    except (OSError, StoreError) as e:
-        return Problem("unreadable_file", f"cannot read {job.file.uri}: {e}; check its permissions")
-    except Exception as e:  # anything else a decoder throws on odd input is that file's problem, not the run's
-        log.debug("decoding %s failed", job.file.uri, exc_info=True)
-        return Problem("corrupt_audio", f"decoding failed ({type(e).__name__}: {e}); re-export the file")
-    problem = check_audio(samples, min_seconds=settings.min_seconds, max_seconds=settings.max_seconds)
-    if problem is not None:
-        return Problem(problem.reason, str(problem))
-    seconds = duration(samples, SAMPLE_RATE)
-    problem = check_text_rate(job.row.text, seconds, settings.max_chars_per_second)
-    if problem is not None:
-        return problem
-    samples, gain = fit_full_scale(samples)
-    write_wav16(out_audio / name, samples)
-    return Converted(name, seconds, digest, info.sample_rate, info.channels, f"{info.format}/{info.subtype}", gain)
+def clip_limits(settings: PrepareSettings) -> ClipLimits:
+    """The audio checks of common.core.convert.convert, from --min-seconds, --max-seconds, --max-chars-per-second."""
+    return ClipLimits(settings.min_seconds, settings.max_seconds, settings.max_chars_per_second)
 
 
 def _workers(settings: PrepareSettings) -> int:
@@ -278,8 +164,9 @@ def prepare(ctx: StageContext, scan: Scan) -> dict[str, Any]:
     out_audio.mkdir(parents=True, exist_ok=True)
 
     names = _file_names(scan.jobs)
+    limits = clip_limits(settings)
     with ThreadPoolExecutor(max_workers=_workers(settings)) as pool:  # IO and libsndfile/soxr release the GIL
-        results = list(tqdm(pool.map(lambda j: convert(j, out_audio, names[j.utt_id], settings), scan.jobs),
+        results = list(tqdm(pool.map(lambda j: convert(j, out_audio, names[j.utt_id], limits), scan.jobs),
                             total=len(scan.jobs), desc="prepare: decoding audio", unit="clip", mininterval=1.0))
     records, rejected, kept = _assemble(ctx, scan, results)
     if settings.test_ratio > 0:

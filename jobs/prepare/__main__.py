@@ -25,7 +25,7 @@ from common.core.stage import EXIT_BAD_INPUT, run_stage, stage_main
 from jobs.prepare import STAGE, PrepareSettings, prepare, scan_inputs
 
 EXAMPLES = """examples:
-  # the seed's layout: train CSV + audio/, test answers CSV + test_audio/
+  # two CSVs: train CSV + audio/, test answers CSV + test_audio/
   asr-ft prepare --train-csv demo_data/train.csv --audio-dir demo_data/audio \\
       --test-csv demo_data/answers.csv --test-audio-dir demo_data/test_audio --run-id demo
 

@@ -110,7 +110,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def common_args(tmp_path: Path, data: dict[str, Path], run_id: str) -> list[str]:
-    return ["--artifacts", str(tmp_path / "runs"), "--run-id", run_id, "--no-real-zh-dev",
+    return ["--artifacts", str(tmp_path / "runs"), "--run-id", run_id,
             "--sets", f"test={data['jsonl']}", "--sets", f"csvset={data['csv']},{data['audio']}",
             "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "2", "--compute-type", "float32"]
 
@@ -171,7 +171,7 @@ def test_transformers_engine_through_the_stage(tmp_path: Path, tiny: dict[str, P
     from common.core.transcribe import CT2Engine, DecodeOptions
 
     argv = ["--model", f"hf={tiny['hf']}", "--model", f"ct2={tiny['ct2']}", "--backend", "hf", "--device", "cpu",
-            "--artifacts", str(tmp_path / "runs"), "--run-id", "engine-hf", "--no-real-zh-dev",
+            "--artifacts", str(tmp_path / "runs"), "--run-id", "engine-hf",
             "--test-jsonl", str(data["jsonl"]), "--max-new-tokens", str(MAX_NEW_TOKENS)]
     assert evaluate(argv) == 0
     out = tmp_path / "runs" / "engine-hf" / "evaluate"
@@ -207,8 +207,7 @@ def test_pipeline_defaults_and_score(tmp_path: Path, tiny: dict[str, Path], data
     common = ["--artifacts", str(tmp_path / "runs"), "--run-id", "pipe"]
     assert pretrained_main(["--model", str(tiny["hf"]), *common]) == 0
     assert export_main(["--checkpoint", str(tiny["hf"]), "--no-verify", *common]) == 0
-    assert evaluate([*common, "--no-real-zh-dev", "--test-jsonl", str(data["jsonl"]),
-                     "--max-new-tokens", "3"]) == 0
+    assert evaluate([*common, "--test-jsonl", str(data["jsonl"]), "--max-new-tokens", "3"]) == 0
     run = tmp_path / "runs" / "pipe"
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
     assert list(metrics) == ["pretrained", "finetuned"] and list(metrics["pretrained"]) == ["test"]
@@ -223,12 +222,104 @@ def test_pipeline_defaults_and_score(tmp_path: Path, tiny: dict[str, Path], data
         assert (run / "score" / name).is_file()
 
 
+def dev_folder(root: Path, data: dict[str, Path]) -> Path:
+    """A dev set in the `dir` layout: transcripts.csv (audio_id,text) + audio/, two good clips of the CSV set."""
+    (root / "audio").mkdir(parents=True)
+    for name in ("c0", "c1"):
+        (root / "audio" / f"{name}.wav").write_bytes((data["audio"] / f"{name}.wav").read_bytes())
+    (root / "transcripts.csv").write_text("audio_id,text\nc0,今天天气很好\nc1,这是一个测试\n", encoding="utf-8")
+    return root
+
+
+UNSET = "ASRFT_TEST_NEVER_SET"
+UNSET_REF = "${" + UNSET + "}"  # a path naming a variable that is never set
+
+
+def test_exactly_the_given_sets_in_order_a_dir_set_through_a_variable(
+        tmp_path: Path, tiny: dict[str, Path], data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sets as a pipeline passes them (ASRFT_EVALUATE_SETS): a `dir` set found through ${VAR}, and an
+    optional one whose variable is unset, skipped and listed in the report with the variable to set."""
+    monkeypatch.setenv("MY_DEV_SET", str(dev_folder(tmp_path / "dev", data)))
+    monkeypatch.delenv(UNSET, raising=False)
+    monkeypatch.setenv("ASRFT_EVALUATE_SETS", json.dumps([
+        {"name": "test", "jsonl": str(data["jsonl"])},
+        {"name": "real-zh-dev", "dir": "${MY_DEV_SET}"},
+        {"name": "other", "dir": UNSET_REF, "optional": True}]))
+    argv = ["--model", f"a={tiny['ct2']}", "--artifacts", str(tmp_path / "runs"), "--run-id", "dirset",
+            "--max-new-tokens", "2", "--compute-type", "float32"]
+    assert evaluate(argv) == 0
+    out = tmp_path / "runs" / "dirset" / "evaluate"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["a"]) == ["test", "real-zh-dev"]
+    assert (metrics["a"]["test"]["n"], metrics["a"]["real-zh-dev"]["n"]) == (3, 2)
+    skipped = json.loads((out / "run_info.json").read_text())["skipped_sets"]
+    assert [s["set"] for s in skipped] == ["other"] and f"set {UNSET} to a folder holding" in skipped[0]["reason"]
+    assert "Skipped optional sets" in (out / "report.md").read_text() and UNSET in (out / "report.md").read_text()
+
+
+def test_demo_pipeline_names_the_test_set_then_the_real_dev_set() -> None:
+    from common.core.settings import load_settings
+    from common.executors.pipeline import demo_config_path, load_pipeline
+    from jobs.evaluate import EvaluateSettings, SetSpec
+
+    sets = load_settings(EvaluateSettings, load_pipeline(demo_config_path())["evaluate"]).set_specs()
+    assert sets == [SetSpec(name="test", jsonl="run:prepare/test.jsonl"),
+                    SetSpec(name="real-zh-dev", dir="${ASRFT_REAL_ZH_DEV}", optional=True)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "env", "message"),
+    [
+        ({"dir": UNSET_REF}, None,
+         f"${UNSET} is not set; set {UNSET} to a folder holding transcripts.csv (audio id + text) and audio/"),
+        ({"dir": "${MY_DEV}"}, "{tmp}/nowhere", "{tmp}/nowhere not found (from ${MY_DEV}); {tmp}/nowhere must be a folder"),
+        ({"dir": "${MY_DEV}/"}, "{tmp}/no-audio", "{tmp}/no-audio/audio not found (from ${MY_DEV}/)"),
+        ({"csv": "${MY_DEV}/transcripts.csv", "audio_dir": UNSET_REF}, "{tmp}/no-audio",
+         f"${UNSET} is not set; set {UNSET} to the folder holding the CSV's audio files"),
+        ({"jsonl": "${MY_DEV}/test.jsonl"}, "{tmp}", "{tmp}/test.jsonl not found (from ${MY_DEV}/test.jsonl)"),
+        ({"jsonl": "run:prepare/test.jsonl"}, None,
+         "run:prepare/test.jsonl needs the 'prepare' stage of run 'default', which has not completed"),
+    ],
+)
+def test_a_set_that_cannot_be_found_stops_a_required_set_and_skips_an_optional_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        spec: dict, env: str | None, message: str) -> None:
+    """Resolved in the plan, before any model is loaded: required → exit 2 with the fix; optional → a warning,
+    the set listed with its reason, the other sets scored."""
+    from common.core.stage import StageFailed
+    from common.core.store import open_store
+    from jobs.evaluate import EvaluateSettings, plan_evaluation
+
+    (tmp_path / "no-audio").mkdir()
+    (tmp_path / "no-audio" / "transcripts.csv").write_text("audio_id,text\n", encoding="utf-8")
+    (tmp_path / "ok.jsonl").write_text("", encoding="utf-8")
+    monkeypatch.delenv(UNSET, raising=False)
+    if env is not None:
+        monkeypatch.setenv("MY_DEV", env.replace("{tmp}", str(tmp_path)))
+    message = message.replace("{tmp}", str(tmp_path))
+    store = open_store(str(tmp_path / "runs"))
+
+    def settings(optional: bool) -> EvaluateSettings:
+        return EvaluateSettings(artifacts=str(tmp_path / "runs"), model=["a=bundled:whisper-base"],
+                                sets=[{"name": "ok", "jsonl": str(tmp_path / "ok.jsonl")},
+                                      {"name": "dev", **spec, "optional": optional}])
+
+    with pytest.raises(StageFailed) as failed:
+        plan_evaluation(settings(optional=False), store)
+    assert failed.value.exit_code == 2 and f"set 'dev': {message}" in str(failed.value)
+
+    plan = plan_evaluation(settings(optional=True), store)
+    assert [s.spec.name for s in plan.sets] == ["ok"]
+    assert [s["set"] for s in plan.skipped_sets] == ["dev"] and message in plan.skipped_sets[0]["reason"]
+    assert f"optional set 'dev' skipped: {message}" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--test-csv", "x.csv"], "--test-csv needs --test-audio-dir"),
         (["--test-jsonl", "a.jsonl", "--test-csv", "x.csv", "--test-audio-dir", "d"], "both given"),
-        (["--sets", "dev"], "expected NAME=FILE.jsonl or NAME=FILE.csv,AUDIO_DIR"),
+        (["--sets", "dev"], "expected NAME=FILE.jsonl, NAME=FILE.csv,AUDIO_DIR or NAME=dir:FOLDER"),
         (["--sets", "dev=a.jsonl", "--sets", "dev=b.jsonl"], "used twice"),
         (["--beam-size", "0"], "beam_size"),
     ],

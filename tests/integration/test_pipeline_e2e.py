@@ -44,7 +44,7 @@ def e2e(tmp_path_factory):
         "extract": {},
         "finetune": {"mode": "full", "device": "cpu", "max_steps": 2, "batch": 2, "grad_accum": 1, "save_steps": 1},
         "export": {"quantization": "float32"},
-        "evaluate": {"real_zh_dev": False, "max_new_tokens": 8},
+        "evaluate": {"max_new_tokens": 8},
     }
     cfg = root / "pipeline.yaml"
     cfg.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")

@@ -228,11 +228,18 @@ def test_configmap_holds_a_pipeline_the_orchestrator_and_steps_accept(chart, sce
 
 
 def test_default_pipeline_is_the_built_in_demo_on_the_volume(chart):
-    """values.yaml's pipeline = jobs/run/demo.yaml with its relative paths under /artifacts."""
+    """values.yaml's pipeline = jobs/run/demo.yaml with its relative paths under /artifacts, and the real dev set
+    the demo finds through $ASRFT_REAL_ZH_DEV at /artifacts/real-zh-dev."""
     demo = load_pipeline(demo_config_path())
     chart_pipeline = pipeline_of(render(chart))
 
     def on_volume(value):
+        if isinstance(value, list):
+            return [on_volume(v) for v in value]
+        if isinstance(value, dict):
+            return {k: on_volume(v) for k, v in value.items()}
+        if value == "${ASRFT_REAL_ZH_DEV}":
+            return "/artifacts/real-zh-dev"
         return f"/artifacts/{value}" if isinstance(value, str) and value.startswith("demo_data") else value
 
     for step in pipeline_steps():
