@@ -19,7 +19,7 @@ Problems carry a stable reason code (the same strings prepare writes into ``reje
 | `corrupt_audio`      | it starts like an audio format libsndfile reads, but decoding fails           |
 | `non_finite_samples` | a decoded sample is NaN or ±inf (float wav/flac written by buggy code)        |
 | `too_short`          | shorter than `min_seconds` (default 0.1 s)                                    |
-| `too_long`           | longer than `max_seconds` (default 30 s, Whisper's window)                    |
+| `too_long`           | longer than `max_seconds` (default 30 s: one model window)                    |
 | `silent`             | digital silence: peak below `SILENCE_PEAK` (-80 dBFS) after down-mixing       |
 """
 
@@ -39,10 +39,10 @@ from common.core.store import atomic_path
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000  # Hz: what Whisper's feature extractor and Kimi-Audio's tokenizers expect
+SAMPLE_RATE = 16_000  # Hz: the rate every stage stores and reads clips at (what the models' front ends expect)
 RESAMPLE_QUALITY = "HQ"  # soxr: 20-bit precision (~120 dB); "VHQ" (28-bit) is slower, no better for 16-bit output
 MIN_SECONDS = 0.1  # below this there is not one syllable (a Mandarin syllable lasts ~0.15-0.3 s)
-MAX_SECONDS = 30.0  # Whisper's window: N_SAMPLES 480000 / SAMPLE_RATE 16000; longer clips are cut off in training
+MAX_SECONDS = 30.0  # one model input window (480000 samples at 16 kHz); longer clips are cut off in training
 # Digital silence: a 16-bit PCM step (LSB) is 2**-15 ≈ 3.05e-5 (-90.3 dBFS). A peak below 1e-4 (-80 dBFS,
 # ≈ 3 LSB) is dither or quantization noise only; any recorded speech peaks far above -40 dBFS.
 SILENCE_PEAK = 10 ** (-80 / 20)  # 1e-4

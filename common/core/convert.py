@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common.core.audio import (
+    MAX_SECONDS,
     SAMPLE_RATE,
     AudioProblem,
     check_audio,
@@ -57,7 +58,6 @@ from common.core.store import StoreError, sha256_file
 log = logging.getLogger(__name__)
 
 MIN_SECONDS = 0.1  # shorter clips hold no word
-MAX_SECONDS = 30.0  # Whisper's window: a longer clip would be cut
 
 
 @dataclass(frozen=True)

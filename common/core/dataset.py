@@ -24,7 +24,7 @@ Reason codes (``rejected.jsonl`` → ``reason``; stable, scripts may rely on the
 | `corrupt_audio`              | it starts like WAV/FLAC/OGG/MP3/… but cannot be decoded                       |
 | `non_finite_samples`         | a sample is NaN or ±inf                                                       |
 | `too_short`                  | shorter than `--min-seconds` (0.1 s)                                          |
-| `too_long`                   | longer than `--max-seconds` (30 s, Whisper's window)                          |
+| `too_long`                   | longer than `--max-seconds` (30 s: one model window)                          |
 | `silent`                     | digital silence (peak < -80 dBFS), see ``common.core.audio.SILENCE_PEAK``          |
 | `text_too_long_for_duration` | more characters than `5 + 15 × seconds` could be spoken in the clip           |
 | `duplicate_audio`            | byte-identical to the audio of an earlier kept row (train/test leakage)       |

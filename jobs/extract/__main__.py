@@ -26,7 +26,7 @@ EXAMPLES = """examples:
   asr-ft extract --run-id demo --cache never         # finetune computes log-mel from the audio
   asr-ft extract --run-id big --epochs 10 --max-cache-gb 200 --artifacts s3://bucket/runs
 
-中文: 计算 Whisper 对数梅尔特征(float16 缓存), 多轮训练时免去重复计算; 不划算时跳过缓存。
+中文: 按模型族计算输入特征(whisper: float16 对数梅尔缓存), 多轮训练时免去重复计算; 不划算时跳过缓存。
 """
 
 

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "prepare"
 # Right-closed duration bins in seconds: (0, 1], (1, 2], …, (25, 30], (30, ∞). Fixed so that stats of
-# different data sets compare bin by bin; 30 s is Whisper's window.
+# different data sets compare bin by bin; 30 s is one model input window.
 DURATION_EDGES = (0, 1, 2, 3, 5, 10, 15, 20, 25, 30)
 TOP_CHARS = 50  # characters listed in stats.json's inventory
 
@@ -95,7 +95,7 @@ class PrepareSettings(StageSettings):
     )
     min_seconds: float = Field(MIN_SECONDS, gt=0, description="shortest clip kept, seconds")
     max_seconds: float = Field(
-        MAX_SECONDS, gt=0, description="longest clip kept, seconds (Whisper's window is 30 s)", examples=[30],
+        MAX_SECONDS, gt=0, description="longest clip kept, seconds (30 s: one model input window)", examples=[30],
     )
     max_chars_per_second: float = Field(
         MAX_CHARS_PER_SECOND, gt=0, description="reject transcripts longer than 5 + this × seconds (characters/words)",

@@ -29,7 +29,7 @@ from common.core.models import ModelRefError, parse_model_ref, ref_fingerprint, 
 from common.core.settings import StageSettings
 from common.core.stage import StageContext
 from common.core.store import atomic_write_bytes
-from common.families import PROVENANCE, FamilyError, bundled_family, family_names, get_family
+from common.families import DEFAULT_FAMILY, PROVENANCE, FamilyError, bundled_family, family_names, get_family
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class PretrainedSettings(StageSettings):
     @property
     def resolved_family(self) -> str:
         ref = parse_model_ref(self.model)
-        return self.family or (bundled_family(ref.location) if ref.kind == "bundled" else None) or "whisper"
+        return self.family or (bundled_family(ref.location) if ref.kind == "bundled" else None) or DEFAULT_FAMILY
 
 
 def pretrained_inputs(settings: PretrainedSettings) -> dict[str, Any]:

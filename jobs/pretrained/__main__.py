@@ -1,4 +1,4 @@
-"""asr-ft pretrained — fetch or convert the base model into a Hugging Face Whisper folder.
+"""asr-ft pretrained — fetch the base model and write it as its family's model folder (whisper: Hugging Face format).
 
     asr-ft pretrained --model REF [--run-id ID] [--artifacts URI]
     python -m jobs.pretrained ...            (the same, as run in a container)
