@@ -292,8 +292,8 @@ def decode_ct2(model, base: Path, clips: list[dict[str, Any]], work: Path) -> li
 
     from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-    from common.core.transcribe import CT2Engine, DecodeOptions
     from common.families.whisper.ct2 import export_hf_to_ct2
+    from common.families.whisper.engines import CT2Engine, DecodeOptions
 
     hf = work / "hf"
     shutil.rmtree(hf, ignore_errors=True)
@@ -465,7 +465,8 @@ def cpu_run(demo: Path, base: Path, settings: dict[str, Any], artifacts: Path, r
 
 
 def ct2_cer(ct2: Path, demo: Path) -> tuple[dict[str, float], dict[str, float]]:
-    from common.core.transcribe import CT2Engine, DecodeOptions, Utterance, transcribe_utterances
+    from common.core.transcribe import Utterance, transcribe_utterances
+    from common.families.whisper.engines import CT2Engine, DecodeOptions
 
     engine = CT2Engine(ct2, DecodeOptions(), compute_type="float32")
     sets = {"test": (demo / "answers.csv", demo / "test_audio"),

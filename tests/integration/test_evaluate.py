@@ -168,7 +168,7 @@ def test_transformers_engine_through_the_stage(tmp_path: Path, tiny: dict[str, P
     """--backend hf (the GPU path's engine; fp32 on CPU) with an HF folder and a CT2 folder (converted back to
     HF in the cache) decodes what CTranslate2 decodes from the same weights."""
     from common.core.audio import load_audio
-    from common.core.transcribe import CT2Engine, DecodeOptions
+    from common.families.whisper.engines import CT2Engine, DecodeOptions
 
     argv = ["--model", f"hf={tiny['hf']}", "--model", f"ct2={tiny['ct2']}", "--backend", "hf", "--device", "cpu",
             "--artifacts", str(tmp_path / "runs"), "--run-id", "engine-hf",
@@ -187,7 +187,7 @@ def test_transformers_engine_through_the_stage(tmp_path: Path, tiny: dict[str, P
 
 @pytest.mark.parametrize("max_new_tokens", [1, 5, 9])
 def test_max_new_tokens_means_the_same_for_both_engines(tiny: dict[str, Path], max_new_tokens: int) -> None:
-    from common.core.transcribe import CT2Engine, DecodeOptions, HFEngine
+    from common.families.whisper.engines import CT2Engine, DecodeOptions, HFEngine
 
     options = DecodeOptions(max_new_tokens=max_new_tokens)
     audio = [np.zeros(SR, np.float32), 0.1 * np.ones(2 * SR, np.float32)]
@@ -199,7 +199,8 @@ def test_max_new_tokens_means_the_same_for_both_engines(tiny: dict[str, Path], m
 
 
 def test_pipeline_defaults_and_score(tmp_path: Path, tiny: dict[str, Path], data: dict[str, Path]) -> None:
-    """In a run: pretrained=<run>/pretrained/model vs finetuned=<run>/export/ct2; then score re-scores them."""
+    """In a run: pretrained=<run>/pretrained/model vs finetuned=<run>/export (the family loads its ct2/ half on
+    the CPU); then score re-scores them."""
     from jobs.export.__main__ import main as export_main
     from jobs.pretrained.__main__ import main as pretrained_main
     from jobs.score.__main__ import main as score_main
@@ -212,7 +213,9 @@ def test_pipeline_defaults_and_score(tmp_path: Path, tiny: dict[str, Path], data
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
     assert list(metrics) == ["pretrained", "finetuned"] and list(metrics["pretrained"]) == ["test"]
     info = json.loads((run / "evaluate" / "run_info.json").read_text())
-    assert info["models"]["finetuned"]["ref"] == str(run / "export" / "ct2")
+    assert info["models"]["finetuned"]["ref"] == str(run / "export")
+    assert info["models"]["finetuned"]["folder"] == str(run / "export" / "ct2")
+    assert info["family"] == "whisper" and info["backend"] == "ct2"
     assert info["models"]["finetuned"]["engine"]["compute_type"] == "float32"  # the default, for every model
     assert info["models"]["pretrained"]["engine"]["compute_type"] == "float32"
 

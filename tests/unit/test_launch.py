@@ -151,27 +151,27 @@ def test_world_size_note_for_small_data(n_gpus, n_train, note):
 
 def stub_plan(**values) -> SimpleNamespace:
     base = {"device": "cuda", "world_size": 1, "strategy": "plain", "precision": "bf16", "mode": "full"}
-    return SimpleNamespace(values={**base, **values})
+    return SimpleNamespace(schedule=SimpleNamespace(**{**base, **values}))
 
 
 @pytest.mark.parametrize(
-    ("settings", "values", "fast", "why"),
+    ("fast_path", "values", "blocker", "fast", "why"),
     [
-        ({}, {}, True, "one GPU"),
-        ({"fast_path": "off"}, {}, False, "fast_path=off"),
-        ({}, {"device": "cpu", "precision": "fp32"}, False, "CUDA"),
-        ({}, {"world_size": 2}, False, "world_size 2"),
-        ({}, {"mode": "lora"}, False, "LoRA"),
-        ({}, {"precision": "fp16"}, False, "bf16"),
-        ({"pack_clips": 2}, {}, False, "pack_clips"),
+        ("auto", {}, None, True, "one GPU"),
+        ("off", {}, None, False, "fast_path=off"),
+        ("auto", {"device": "cpu", "precision": "fp32"}, None, False, "CUDA"),
+        ("auto", {"world_size": 2}, None, False, "world_size 2"),
+        ("auto", {"mode": "lora"}, None, False, "LoRA"),
+        ("auto", {"precision": "fp16"}, None, False, "bf16"),
+        ("auto", {}, "pack_clips > 1: packed windows are regrouped every epoch", False, "pack_clips"),
     ],
 )
-def test_fast_path_decision(tmp_path, settings, values, fast, why):
-    from common.core.settings import load_settings
-    from jobs.finetune import FinetuneSettings, fast_path_decision
+def test_fast_path_decision(fast_path, values, blocker, fast, why):
+    from common.families import Built
+    from jobs.finetune.loops import fast_path_decision
 
-    s = load_settings(FinetuneSettings, {"artifacts": str(tmp_path), **settings})
-    decided, reason = fast_path_decision(s, stub_plan(**values), None)
+    built = Built(train=[], eval=None, collator=list, fast_path_blocker=blocker)
+    decided, reason = fast_path_decision(fast_path, stub_plan(**values), None, built)
     assert decided is fast and why in reason
     assert fast or "Trainer" in reason
 
@@ -200,13 +200,14 @@ def test_resume_takes_only_its_own_kind_of_checkpoint(tmp_path, files, fast_path
     from common.core.settings import load_settings
     from common.core.stage import StageContext
     from common.core.store import open_store
-    from jobs.finetune import CHECKPOINTS, FinetuneSettings, checkpoint_to_resume, run_signature
+    from jobs.finetune import FinetuneSettings
+    from jobs.finetune.resume import CHECKPOINTS, checkpoint_to_resume, run_signature
 
     s = load_settings(FinetuneSettings, {"artifacts": str(tmp_path / "runs"), "run_id": "r"})
     ctx = StageContext("finetune", s, open_store(s.artifacts, s.s3), "r", tmp_path / "runs" / "r" / "finetune")
     the_plan = SimpleNamespace(values={"mode": "full", "world_size": 1})
-    same = run_signature(ctx, the_plan, {"extract": "e"}, fast_path=fast_path)
-    other = run_signature(ctx, the_plan, {"extract": "e"}, fast_path=not fast_path)
+    same = run_signature(ctx, the_plan, {"extract": "e"}, "fast" if fast_path else "trainer")
+    other = run_signature(ctx, the_plan, {"extract": "e"}, "trainer" if fast_path else "fast")
     assert same != other  # the loop that trains is part of the setup
     assert checkpoint_to_resume(ctx, same) is None  # nothing yet: a fresh folder with the signature
     ckpt = _touch_checkpoint(ctx.out / CHECKPOINTS, files, 5)
