@@ -38,7 +38,10 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # the registry itself imports nothing heavy (the image's model-bundle step imports it alone)
+    from common.training.planner import Plan
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +121,14 @@ class ModelFamily(Protocol):
 
     def data_facts(self, model_dir: Path, records: Sequence[dict]) -> dict[str, Any]: ...
 
-    def planning(self, config: dict[str, Any], facts: dict[str, Any], settings: Mapping[str, Any]) -> Planning: ...
+    def planning(self, config: Mapping[str, Any], facts: Mapping[str, Any], settings: Mapping[str, Any]) -> Planning: ...
 
     def training_data(self, model_dir: Path, records: Sequence[dict]) -> tuple[list, list[dict]]: ...
 
-    def trainee(self, model_dir: Path, plan: Any, settings: Mapping[str, Any]) -> Any: ...
+    def trainee(self, model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any: ...
 
     def datasets(self, model_dir: Path, trainee: Any, examples: tuple[list, list], records: Mapping[str, dict],
-                 dirs: Mapping[str, Path | None], plan: Any, settings: Mapping[str, Any]) -> Built: ...
+                 dirs: Mapping[str, Path | None], plan: Plan, settings: Mapping[str, Any]) -> Built: ...
 
     def save_final(self, trainee: Any, out_dir: Path, model_dir: Path, settings: Mapping[str, Any]) -> dict[str, Any]: ...
 

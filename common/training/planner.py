@@ -498,6 +498,14 @@ class Plan(BaseModel):
         return self.value("save_steps")
 
     @property
+    def eval_holdout(self) -> int:
+        return self.value("eval_holdout")
+
+    @property
+    def deepspeed_config(self) -> dict[str, Any] | None:
+        return self.value("deepspeed")
+
+    @property
     def load_dtype(self) -> str:
         return self.value("load_dtype")
 

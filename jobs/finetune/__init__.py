@@ -42,6 +42,7 @@ from common.core.settings import StageSettings
 from common.core.stage import StageContext, StageFailed, upstream_fingerprint
 from common.core.store import Store, atomic_write_bytes
 from common.families import ModelFamily, family_of_pretrained
+from common.training.planner import Plan
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class RankJob:
     """What every rank trains: the plan, the stage's inputs, and (for launched workers) the resume decision,
     made once by the parent before the workers start, so they never race on the checkpoints folder."""
 
-    plan: Any
+    plan: Plan
     inputs: dict[str, Any]
     launched: bool = False
     resume: Path | None = None
@@ -238,7 +239,7 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
     by_id = {r["id"]: r for r in records}
 
     examples, _ = family.training_data(model_dir, records)
-    train_ex, eval_ex = _holdout(examples, the_plan.value("eval_holdout"), s.seed)
+    train_ex, eval_ex = _holdout(examples, the_plan.eval_holdout, s.seed)
     trainee = family.trainee(model_dir, the_plan, values)
     trainable = sum(p.numel() for p in trainee.parameters() if p.requires_grad)
     trainee.to(the_plan.device)
@@ -300,7 +301,7 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
     return {**result, "summary": summary}
 
 
-def write_plan(ctx: StageContext, the_plan: Any) -> None:
+def write_plan(ctx: StageContext, the_plan: Plan) -> None:
     path = ctx.out / "plan.json"
     atomic_write_bytes(path, the_plan.to_json().encode())
     log.info("%s\nplan written to %s", the_plan.summary(), path)
@@ -330,7 +331,7 @@ def _holdout(examples: list, n: int, seed: int) -> tuple[list, list]:
 # --- several processes: the stage launches its own workers ------------------------------------------------
 
 
-def world_size_note(the_plan: Any) -> str | None:
+def world_size_note(the_plan: Plan) -> str | None:
     """A log line when the plan trains on fewer GPUs than the machine has (e.g. too little data), else None."""
     gpus = the_plan.resources.gpus
     if the_plan.device != "cuda" or the_plan.world_size >= gpus:
@@ -338,7 +339,7 @@ def world_size_note(the_plan: Any) -> str | None:
     return f"training on {the_plan.world_size} of {gpus} GPUs: {the_plan.decision('world_size').reason}"
 
 
-def record_processes(the_plan: Any, launched: bool) -> None:
+def record_processes(the_plan: Plan, launched: bool) -> None:
     """The 'processes' decision: how many training processes, who starts them, which backend."""
     from common.training.launch import backend_for
 
@@ -353,7 +354,7 @@ def record_processes(the_plan: Any, launched: bool) -> None:
     the_plan.record("processes", {"processes": n, "backend": backend, "launched_by_stage": launched}, reason)
 
 
-def launch(ctx: StageContext, the_plan: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+def launch(ctx: StageContext, the_plan: Plan, inputs: dict[str, Any]) -> dict[str, Any]:
     """The parent of a multi-process run: decide the resume once, start one worker per rank, wait; returns
     rank 0's summary (with every rank's step count) for the manifest run_stage writes."""
     from common.training.launch import WorkerFailed, launch_workers

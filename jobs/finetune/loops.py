@@ -70,7 +70,7 @@ def deepspeed_rendezvous(the_plan: Plan, env: Mapping[str, str] | None = None) -
     from common.training.launch import is_worker
 
     env = os.environ if env is None else env
-    if not the_plan.value("deepspeed") or is_worker(env):
+    if not the_plan.deepspeed_config or is_worker(env):
         return {}
     assert the_plan.world_size == 1, "world size > 1 is launched (launch_workers) before training starts"
     with socket.socket() as sock:
@@ -115,7 +115,7 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Plan, built: B
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if rank_zero:
         trainer.state.save_to_json(str(ctx.out / "trainer_state.json"))
-    if the_plan.value("deepspeed"):
+    if the_plan.deepspeed_config:
         # final/ comes from the last ZeRO checkpoint: let go of the engine, its partitions and (offloaded)
         # optimizer state first, so the fresh fp32 copy has the memory
         trainer.accelerator.free_memory()
@@ -159,7 +159,7 @@ FINAL_FROM_ZERO = "zero checkpoint"
 def final_weights_source(the_plan: Plan, fast_path: bool) -> tuple[str, str]:
     """Where final/'s weights come from, and why: FINAL_FROM_MODULE (the module that trained holds them in fp32)
     or FINAL_FROM_ZERO (DeepSpeed: the fp32 master weights of the last ZeRO checkpoint, read on the CPU)."""
-    config = the_plan.value("deepspeed")
+    config = the_plan.deepspeed_config
     if fast_path:
         return FINAL_FROM_MODULE, "the fast loop writes its fp32 master weights back into the module"
     if not config:

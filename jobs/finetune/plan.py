@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from common.core.stage import StageFailed
 from common.families import FamilyError, ModelFamily, Planning
+from common.training.planner import Plan
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def plan_request(s: Any) -> PlanRequest:
 
 
 def make_plan(s: Any, family: ModelFamily, config: Mapping[str, Any], facts: Mapping[str, Any],
-              resources: Any) -> tuple[Any, Planning]:
+              resources: Any) -> tuple[Plan, Planning]:
     """(plan, the family's planning) for these settings, model, data and machine; StageFailed (exit 2) when
     nothing can be planned, with the planner's reason."""
     from common.training.planner import PlanError, plan
@@ -133,12 +134,12 @@ def training_pod(settings: Any, family: ModelFamily, config: Mapping[str, Any], 
     return the_plan.pod, setup_of(the_plan) | {"model": planning.profile.name}
 
 
-def setup_of(the_plan: Any) -> dict[str, Any]:
+def setup_of(the_plan: Plan) -> dict[str, Any]:
     """The choices that make a training setup (compared between the executor's plan and the pod's)."""
     return {"mode": the_plan.mode, "strategy": the_plan.strategy, "world_size": the_plan.world_size,
             "per_device_batch": the_plan.per_device_batch, "grad_accum": the_plan.grad_accum,
             "gradient_checkpointing": the_plan.gradient_checkpointing, "precision": the_plan.precision,
-            "lora": the_plan.value("lora"), "deepspeed": bool(the_plan.value("deepspeed"))}
+            "lora": the_plan.value("lora"), "deepspeed": bool(the_plan.deepspeed_config)}
 
 
 def pod_from_store(env: Mapping[str, str], store: Any, run_id: str, node: Mapping[str, Any]

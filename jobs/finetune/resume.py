@@ -23,6 +23,7 @@ from common.core.stage import StageContext
 from common.core.store import atomic_write_bytes
 from common.training import checkpoints as ckpts
 from common.training.checkpoints import Kind
+from common.training.planner import Plan
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ RESUME_KEYS = ("mode", "lora", "per_device_batch", "grad_accum", "world_size", "
                "warmup_steps", "epochs", "weight_decay", "precision", "eval_holdout")
 
 
-def run_signature(ctx: StageContext, the_plan: Any, inputs: dict[str, Any], kind: Kind) -> dict[str, Any]:
+def run_signature(ctx: StageContext, the_plan: Plan, inputs: dict[str, Any], kind: Kind) -> dict[str, Any]:
     """What the checkpoints belong to, the checkpoint kind (loop) included."""
     values = the_plan.values
     return {

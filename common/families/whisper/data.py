@@ -215,13 +215,14 @@ def context_frames(seconds: float, longest_clip_s: float, margin_s: float = 1.0)
 
 
 def prompt_ids(tokenizer) -> list[int]:
-    """Token ids of <|startoftranscript|><|zh|><|transcribe|><|notimestamps|> in this tokenizer."""
-    ids = tokenizer.convert_tokens_to_ids(list(PROMPT_TOKENS))
-    unk = getattr(tokenizer, "unk_token_id", None)
-    missing = [t for t, i in zip(PROMPT_TOKENS, ids, strict=True) if i is None or (unk is not None and i == unk)]
-    if missing:
-        raise FeatureError(f"the tokenizer lacks {missing}; a multilingual Whisper tokenizer is needed")
-    return list(ids)
+    """Token ids of <|startoftranscript|><|zh|><|transcribe|><|notimestamps|> in this tokenizer (the ids every
+    engine decodes after, from the same function)."""
+    from common.families.whisper.ct2 import prompt_zh_ids
+
+    try:
+        return prompt_zh_ids(tokenizer)
+    except ValueError as e:
+        raise FeatureError(f"{e}; a multilingual Whisper tokenizer is needed") from None
 
 
 def eot_id(tokenizer) -> int:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.core.stage import StageFailed, cache_dir
 from common.families import Built, EngineRequest, FamilyError, FrontEnd, Planning
@@ -34,6 +34,9 @@ from common.families.whisper.conventions import (
     N_FRAMES,
     PROMPT_TOKENS,
 )
+
+if TYPE_CHECKING:
+    from common.training.planner import Plan
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ def planning(config: Mapping[str, Any], facts: Mapping[str, Any], settings: Mapp
                                 else "one clip per window")])
 
 
-def trainee(model_dir: Path, plan: Any, settings: Mapping[str, Any]) -> Any:
+def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
     """The Whisper model in float32 (master weights), frozen / wrapped as the plan's mode says."""
     import torch
     from transformers import WhisperForConditionalGeneration
@@ -143,7 +146,7 @@ def trainee(model_dir: Path, plan: Any, settings: Mapping[str, Any]) -> Any:
 
 
 def datasets(model_dir: Path, trainee: Any, examples: tuple[list, list], records: Mapping[str, dict],
-             dirs: Mapping[str, Path | None], plan: Any, settings: Mapping[str, Any]) -> Built:
+             dirs: Mapping[str, Path | None], plan: Plan, settings: Mapping[str, Any]) -> Built:
     """Datasets of log-mel (or cached encoder-bottom output) + labels, and the collator.
 
     ``dirs``: ``extract`` (its cache), ``run`` (the run folder: records' audio paths are relative to it)."""
@@ -175,7 +178,7 @@ def datasets(model_dir: Path, trainee: Any, examples: tuple[list, list], records
     features = FeatureSource(fe, run_dir if needs_audio else None, ext if use_mel_cache else None)
     bytes_per_clip = frames // 2 * trainee.model.config.d_model * 4
     cache_on, cache_reason = cache_pays(
-        s.get("encoder_cache", "auto"), frozen_bottom_cacheable(trainee), float(plan.value("epochs")),
+        s.get("encoder_cache", "auto"), frozen_bottom_cacheable(trainee), plan.schedule.epochs,
         len(every), bytes_per_clip, psutil.virtual_memory().available,
     )
     if pack > 1:
