@@ -52,6 +52,7 @@ from common.core.stage import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, MANIFEST, St
 from common.core.store import LocalStore, Store, StoreError, open_store
 from common.executors import contract
 from common.executors.contract import ARTIFACTS_PATH, GID, GPU_STEPS, IMAGE_REPO, SHM_PATH, TMP_PATH, UID
+from common.executors.local import StepResult
 from common.executors.pipeline import env_value, yaml_section
 
 log = logging.getLogger(__name__)
@@ -588,16 +589,6 @@ class StepFailed(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FAILED):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-@dataclass
-class StepResult:
-    step: str
-    status: str  # done | skipped | failed | not run
-    seconds: float = 0.0
-    job: str = ""
-    note: str = ""
-    code: int = 0
 
 
 def _owned_by(pod: Any, uid: str) -> bool:

@@ -39,11 +39,14 @@ TAIL_BYTES = 6000  # how much of a failed step's output to show again
 
 @dataclass
 class StepResult:
+    """One step of a run as every executor reports it."""
+
     step: str
     status: str  # done | skipped | failed | not run
     seconds: float = 0.0
     note: str = ""
     code: int = 0
+    job: str = ""  # the Kubernetes Job that ran it
 
 
 def run_local(steps: list[str], pipeline: dict, common: dict, settings: Any) -> list[StepResult]:

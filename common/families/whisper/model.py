@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from common.core.models import weight_digests
+from common.core.models import describe_folder, weight_digests
 from common.core.stage import StageFailed
 from common.families.whisper.conventions import PROMPT_TOKENS
 
@@ -84,16 +84,12 @@ def folder_format_or_none(folder: Path) -> FolderFormat | None:
 
 
 def describe_folder_problem(folder: Path) -> str:
-    """Why ``folder`` is not a model folder, with what was expected."""
-    if not folder.exists():
-        return f"no such folder: {folder}"
-    if not folder.is_dir():
-        return f"{folder} is a file; pass the folder that holds the model files"
-    names = sorted(p.name for p in folder.iterdir())[:12]
-    return (
-        f"{folder} holds neither a Hugging Face model (config.json + *.safetensors or pytorch_model.bin) nor a "
-        f"CTranslate2 model (model.bin + config.json); it has: {', '.join(names) or 'nothing'}"
-    )
+    """Why ``folder`` is not a Whisper model folder, with what was expected."""
+    found = describe_folder(Path(folder))
+    if not Path(folder).is_dir():
+        return found
+    return (f"it holds neither a Hugging Face model (config.json + *.safetensors or pytorch_model.bin) nor a "
+            f"CTranslate2 model (model.bin + config.json): {found}")
 
 
 def copy_hf_folder(src: Path, dest: Path) -> str:
