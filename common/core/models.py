@@ -243,13 +243,15 @@ def fetch_model(ref: ModelRef | str, s3: S3Settings | None = None) -> tuple[Path
     return folder, {"ref": ref.raw, "kind": ref.kind, **facts}
 
 
-def resolve_model_ref(ref: ModelRef | str, family: str, dest: Path, s3: S3Settings | None = None) -> dict[str, Any]:
+def resolve_model_ref(ref: ModelRef | str, family: str, dest: Path, s3: S3Settings | None = None,
+                      settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fetch ``ref``, have ``family`` write it as its model folder at ``dest`` (published in one step, after
-    the family checked it loads, so ``dest`` never holds half a model) and return its provenance."""
+    the family checked it loads, so ``dest`` never holds half a model) and return its provenance. ``settings``:
+    the pretrained stage's settings, for a family's own options (e.g. where a speech tokenizer comes from)."""
     ref = parse_model_ref(ref) if isinstance(ref, str) else ref
     source, facts = fetch_model(ref, s3)
     with atomic_dir(Path(dest)) as tmp:
-        made = get_family(family).materialize(source, facts, tmp)
+        made = get_family(family).materialize(source, facts, tmp, settings or {})
     provenance = {"ref": ref.raw, "kind": ref.kind, "family": family, "resolved_source": facts["resolved_source"],
                   **{k: v for k, v in made.items() if k != "model"},
                   "weights": weight_digests(dest), "license": facts.get("license"), "model": made.get("model", {})}

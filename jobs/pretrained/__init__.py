@@ -49,6 +49,10 @@ class PretrainedSettings(StageSettings):
     family: str | None = Field(
         None, description="model family [default: the bundled model's, else whisper]", examples=["whisper"],
     )
+    speech_tokenizer: str | None = Field(
+        None, description="kimi-audio: the GLM-4-Voice speech tokenizer folder (a reference like --model) the "
+                          "model's codes come from", examples=["/mnt/models/glm-4-voice-tokenizer"],
+    )
 
     @field_validator("model")
     @classmethod
@@ -86,7 +90,7 @@ def pretrained(ctx: StageContext) -> dict[str, Any]:
     settings: PretrainedSettings = ctx.settings
     family = settings.resolved_family
     log.info("pretrained: model family %s (families here: %s)", family, ", ".join(family_names()))
-    provenance = resolve_model_ref(settings.model, family, ctx.out / "model", settings.s3)
+    provenance = resolve_model_ref(settings.model, family, ctx.out / "model", settings.s3, settings.model_dump())
     atomic_write_bytes(ctx.out / PROVENANCE,
                        (json.dumps(provenance, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
     log.info("pretrained: %s → %s (%s)", settings.model, ctx.uri("model"), provenance.get("conversion"))

@@ -137,7 +137,7 @@ def _save_final(trainee, out_dir, model_dir, settings):
     return {"path": out_dir.name}
 
 
-def _materialize(source: Path, facts: dict, dest: Path) -> dict:
+def _materialize(source: Path, facts: dict, dest: Path, settings: dict) -> dict:
     if json.loads((source / "config.json").read_text()).get("model_type") != "toy":
         raise ValueError(f"{source} is not a toy model")
     for f in ("model.safetensors", "vocab.json", "config.json"):

@@ -218,7 +218,7 @@ def inference_folder(folder: Path, prefer: Literal["hf", "ct2"]) -> tuple[Path, 
     return chosen, folder_format(chosen)
 
 
-def materialize(source: Path, facts: dict[str, Any], dest: Path) -> dict[str, Any]:
+def materialize(source: Path, facts: dict[str, Any], dest: Path, settings: Any = None) -> dict[str, Any]:
     """Write ``source`` (hf, ct2 or export format) as a Hugging Face Whisper folder into the empty folder
     ``dest`` and check that it loads offline; returns the facts `pretrained` records (conversion, source
     format and weights, the model's shape)."""
