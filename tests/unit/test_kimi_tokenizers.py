@@ -163,12 +163,12 @@ SAMPLE_TABLE = [
     (151663, B, False, X),
     (151675, B, False, X),
     (151645, B, False, X),
-    (151671, B, False, 100644),  # the prompt ends here; from here on the text head predicts the transcript
-    (B, 100644, False, 104307),
-    (B, 104307, False, 101243),
-    (B, 101243, False, 1773),
-    (B, 1773, False, 151667),
-    (B, 151667, False, X),
+    (151671, B, False, X),  # the prompt ends here; its logits predict the first transcript id
+    (B, 100644, False, 100644),
+    (B, 104307, False, 104307),
+    (B, 101243, False, 101243),
+    (B, 1773, False, 1773),
+    (B, 151667, False, 151667),
     (151645, B, False, X),
 ]
 
@@ -190,7 +190,7 @@ def test_sample_invariants(n_codes, transcript):
     assert len(p) == prompt_length(9, n_codes) and p.labels is None
     assert (s.audio_ids[:len(p)], s.text_ids[:len(p)]) == (p.audio_ids, p.text_ids)
     assert (p.audio_ids[-1], p.text_ids[-1]) == (151671, 151666)
-    assert s.labels[len(p) - 1] == ([*transcript, 151667])[0]  # the last prompt position predicts the first token
+    assert s.labels[len(p)] == ([*transcript, 151667])[0]  # predicted from the last prompt position
 
 
 @pytest.mark.parametrize(

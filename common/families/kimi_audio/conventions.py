@@ -23,6 +23,22 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from common.families.kimi_audio.tokenizer import (  # noqa: F401 (the special ids, re-exported for the model)
+    ASSISTANT_START,
+    BOS,
+    EOS,
+    MEDIA_BEGIN,
+    MEDIA_END,
+    MSG_END,
+    PAD,
+    SPEECH_CT,
+    TEXT_BLANK,
+    TEXT_EOS,
+    USER_START,
+)
+from common.families.kimi_audio.tokenizer import N_REGULAR as NUM_BASE_TOKENS
+from common.families.kimi_audio.tokenizer import N_SPECIAL as NUM_SPECIAL_TOKENS
+from common.families.kimi_audio.tokenizer import N_SPEECH_CODES as NUM_CODES
 from common.families.whisper.conventions import ENCODER_FRAMES, HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
 # --- the LLM: a Qwen2.5-7B-shaped decoder ------------------------------------------------------------------
@@ -38,27 +54,12 @@ ROPE_THETA = 1_000_000.0
 MAX_POSITIONS = 8192
 
 # --- the vocabulary: Qwen's text tokens, Kimi's special tokens, then the GLM-4-Voice codes ------------------
-NUM_BASE_TOKENS = 151_643  # Qwen's regular BPE tokens (ids 0 … 151642)
-NUM_SPECIAL_TOKENS = 421  # special tokens, id NUM_BASE_TOKENS + i
+# The token ids are the text tokenizer's (common/families/kimi_audio/tokenizer.py defines each once).
 CODE_OFFSET = NUM_BASE_TOKENS + NUM_SPECIAL_TOKENS  # 152064: id of GLM-4-Voice code 0 (upstream kimia_token_offset)
-NUM_CODES = 16_384  # GLM-4-Voice semantic codebook size
 VOCAB_SIZE = CODE_OFFSET + NUM_CODES  # 168448: rows of embed_tokens, lm_head and mimo_output
 TEXT_OUTPUT_VOCAB = CODE_OFFSET  # 152064: the ids the text head is meant to produce (kimia_text_output_vocab)
 NUM_AUDIO_SPECIAL_TOKENS = 512
 AUDIO_OUTPUT_VOCAB = NUM_CODES + NUM_AUDIO_SPECIAL_TOKENS  # 16896 (kimia_audio_output_vocab; TTS only)
-
-# Special token ids (id = NUM_BASE_TOKENS + index in the tokenizer's special-token list).
-BOS = NUM_BASE_TOKENS + 0  # 151643
-EOS = NUM_BASE_TOKENS + 1  # 151644
-MSG_END = NUM_BASE_TOKENS + 2  # 151645 <|im_msg_end|>
-MEDIA_BEGIN = NUM_BASE_TOKENS + 18  # 151661 <|im_media_begin|>: the audio stream's codes follow
-MEDIA_END = NUM_BASE_TOKENS + 20  # 151663 <|im_media_end|>
-TEXT_BLANK = NUM_BASE_TOKENS + 23  # 151666 <|im_kimia_text_blank|>: "nothing in this stream here"
-TEXT_EOS = NUM_BASE_TOKENS + 24  # 151667 <|im_kimia_text_eos|>: end of the transcript, generation stops
-USER_START = NUM_BASE_TOKENS + 27  # 151670 <|im_kimia_user_msg_start|>
-ASSISTANT_START = NUM_BASE_TOKENS + 28  # 151671 <|im_kimia_assistant_msg_start|>
-SPEECH_CT = NUM_BASE_TOKENS + 32  # 151675 <|im_kimia_speech_ct_id|>: text output follows
-PAD = NUM_BASE_TOKENS + NUM_SPECIAL_TOKENS - 1  # 152063: the last special token
 IGNORE_INDEX = -100  # label positions the loss skips (torch cross-entropy's default ignore_index)
 
 # --- the audio-output ("mimo") branch: kept for export, never computed for ASR ----------------------------

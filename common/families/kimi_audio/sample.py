@@ -20,12 +20,12 @@ feature of the same 80 ms). For I instruction ids, N codes and T transcript ids 
     audio    151670  b × I   151661  code+152064  151663 151675 151645 151671   b × T      b      151645
     text       b     instr     b        b × N       b      b      b      b     transcript 151667    b
     speech     .       .       .        True        .      .      .      .        .        .        .
-    label      .       .       .          .         .      .      .     t1     t2 … 151667   .        .
+    label      .       .       .          .         .      .      .      .     t1 …       151667   .
 
 The generation prompt is positions 0 … I+N+5; the model then writes the text stream (feeding blank as the
-audio token) until 151667. Labels are next-token aligned: ``labels[p]`` is what the text head must predict
-at position p (``cross_entropy(text_logits[:, p], labels[:, p])``, no further shift); -100 elsewhere, so
-only the transcript and its end carry loss (no audio loss for ASR).
+audio token) until 151667. Labels follow the causal-LM convention of the model (and of Hugging Face):
+``labels[p]`` is the text-stream token at p, scored against the logits at p − 1 (the model shifts); -100
+elsewhere, so only the transcript and its end carry loss (no audio loss for ASR).
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def asr_sample(codes: Sequence[int], transcript_ids: Sequence[int], instruction_
     text = prompt.text_ids + answer.text_ids
     start = len(prompt)  # position of the first transcript id
     labels = [IGNORE_INDEX] * len(text)
-    for q in range(start, start + t + 1):  # transcript ids and 151667, each predicted one position earlier
-        labels[q - 1] = text[q]
+    for q in range(start, start + t + 1):  # transcript ids and 151667 (the model predicts each from q - 1)
+        labels[q] = text[q]
     return KimiSample(audio_ids=prompt.audio_ids + answer.audio_ids, text_ids=text,
                       speech_mask=prompt.speech_mask + answer.speech_mask, labels=tuple(labels))
 
