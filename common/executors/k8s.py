@@ -248,7 +248,8 @@ def finetune_resources(pipeline: dict[str, Any], common: dict[str, Any], k8s: K8
     finetune = {k: v for k, v in yaml_section(pipeline, "finetune").items() if k not in common}
     node = training_node(k8s, finetune)
     try:
-        pod, setup, note = pod_from_store(step_env("finetune", pipeline, common, k8s), store, common["run_id"], node)
+        pod, setup, note = pod_from_store(step_env("finetune", pipeline, common, k8s), store, common["run_id"], node,
+                                          yaml_section(pipeline, "pretrained").get("family"))
     except StageFailed as e:  # no setup fits, invalid settings: the pod re-plans and fails with the same reason
         pod, setup, note = None, {}, f"the planner gave no plan: {e}"
     if pod is None:

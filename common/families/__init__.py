@@ -13,7 +13,7 @@ outside a pipeline (``asr-ft evaluate --model …``, ``asr-ft export --checkpoin
 
 Where families come from (first match wins):
 
-    built in            whisper (common/families/whisper)
+    built in            whisper (common/families/whisper), kimi-audio (common/families/kimi_audio)
     ASRFT_FAMILIES      "name=module:attribute[,name=module:attribute]": development and tests
     entry points        group "asr_ft.families" of installed packages: a family shipped as its own package
 
@@ -27,6 +27,10 @@ What a stage calls (see :class:`ModelFamily` for the signatures):
 |            | ``training_data``, ``trainee``, ``datasets``, ``save_final``                                |
 | export     | ``export`` (trained folder → inference folders, verified offline)                           |
 | evaluate   | ``open_engine`` (a model folder → an :class:`~common.core.transcribe.Engine`)               |
+
+Optional: ``assumed_planning()`` → (config, data facts, note): the shape of the model a family is for, so the
+Kubernetes executor can size the training pod of a pipeline that names the family before the run has any
+output (kimi-audio: Kimi-Audio-7B).
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ if TYPE_CHECKING:  # the registry itself imports nothing heavy (the image's mode
 
 log = logging.getLogger(__name__)
 
-BUILT_IN = {"whisper": "common.families.whisper.family"}  # name → module implementing the protocol
+BUILT_IN = {  # name → module implementing the protocol
+    "whisper": "common.families.whisper.family",
+    "kimi-audio": "common.families.kimi_audio.family",
+}
 ENV_FAMILIES = "ASRFT_FAMILIES"
 ENTRY_POINT_GROUP = "asr_ft.families"
 DEFAULT_FAMILY = "whisper"

@@ -142,12 +142,14 @@ def setup_of(the_plan: Plan) -> dict[str, Any]:
             "lora": the_plan.value("lora"), "deepspeed": bool(the_plan.deepspeed_config)}
 
 
-def pod_from_store(env: Mapping[str, str], store: Any, run_id: str, node: Mapping[str, Any]
-                   ) -> tuple[Any, dict[str, Any], str]:
+def pod_from_store(env: Mapping[str, str], store: Any, run_id: str, node: Mapping[str, Any],
+                   family: str | None = None) -> tuple[Any, dict[str, Any], str]:
     """(PodResources or None, setup, where the inputs came from) for the Kubernetes executor: the pod's
     settings from the environment the pod will get (``env``), the model and data facts from the run's
-    ``pretrained`` and ``extract`` outputs in the store. None when they are not there yet (a dry run before
-    the run): the executor then gives the Job its default resources and says so."""
+    ``pretrained`` and ``extract`` outputs in the store. Before they exist (a dry run ahead of the run), a
+    family that publishes the shape of the model it is for (``assumed_planning``: the pipeline names the
+    ``family``) is planned from that shape and its worst-case data; else None: the executor gives the Job its
+    default resources and says so."""
     import os
 
     from common.core.settings import SettingsError, load_settings
@@ -164,10 +166,17 @@ def pod_from_store(env: Mapping[str, str], store: Any, run_id: str, node: Mappin
 
     provenance, config = read("pretrained", PROVENANCE), read("pretrained", "model/config.json")
     facts = read("extract", DATA_FACTS)
+    note = "from extract/data_facts.json"
     if provenance is None or config is None or facts is None:
         missing = [n for n, v in (("pretrained/provenance.json", provenance), ("pretrained/model/config.json",
                                   config), ("extract/data_facts.json", facts)) if v is None]
-        return None, {}, f"not planned: {', '.join(missing)} not in the store yet (run pretrained and extract first)"
+        assumed = getattr(get_family(family), "assumed_planning", None) if family else None
+        if assumed is None:
+            return None, {}, (f"not planned: {', '.join(missing)} not in the store yet (run pretrained and extract "
+                              "first)")
+        config, facts, note = assumed()
+        provenance = {"family": family}
+        note = f"assumed: {note} ({', '.join(missing)} not in the store yet)"
     saved = {k: v for k, v in os.environ.items() if k.startswith("ASRFT_")}
     try:  # exactly the pod's environment: none of this process's own ASRFT_* variables
         for k in saved:
@@ -185,5 +194,4 @@ def pod_from_store(env: Mapping[str, str], store: Any, run_id: str, node: Mappin
     machine = detect_resources(**node)  # every value given: nothing is detected on this (the executor's) machine
     pod, setup = training_pod(settings, get_family(provenance.get("family") or DEFAULT_FAMILY), config, facts,
                               machine)
-    return pod, setup, (f"plan for {setup['model']} ({provenance.get('family')}, {facts['clips']} training clips "
-                        "from extract/data_facts.json)")
+    return pod, setup, f"plan for {setup['model']} ({provenance.get('family')}, {facts['clips']} training clips {note})"

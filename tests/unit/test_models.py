@@ -62,7 +62,7 @@ def test_bad_refs_say_what_is_accepted(ref: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ({"family": "kimi-audio"}, "unknown model family 'kimi-audio'; known: whisper"),
+        ({"family": "gemma-audio"}, "unknown model family 'gemma-audio'; known: kimi-audio, whisper"),
         ({"model": "bundled:kimi-audio"}, "unknown bundled model 'kimi-audio'"),
         ({"model": "bundled:whisper-base", "family": "toy"}, "unknown model family 'toy'"),
     ],

@@ -1,0 +1,481 @@
+"""The kimi-audio family: what each stage asks of Kimi-Audio-7B(-Instruct) (the protocol of common/families/).
+
+    pretrained  materialize    a Kimi-Audio folder (local, s3://, hf://) + its GLM-4-Voice speech tokenizer →
+                               model/, every file and safetensors header checked before any copy;
+                               bundled:kimi-audio-tiny: a random stand-in built in code (its CER is meaningless)
+    extract     front_end      GLM-4-Voice codes of every clip (12.5 per second), cached in the records
+                data_facts     usable clips, longest clip, longest sample (instruction + codes + transcript + 8)
+    finetune    planning       the planner's Kimi profile from config.json and the data facts (no weights)
+                training_data  transcript ids; rejected: samples longer than the model's positions
+                trainee        LoRA on the LLM's model.layers.* projections (28 × 7) or the full LLM; the audio
+                               branch frozen and never computed; the Whisper encoder frozen
+                datasets       both streams of every sample (common.families.kimi_audio.sample), the Whisper
+                               features of every clip computed once, batches padded on the right
+                save_final     the LLM with LoRA merged, in the checkpoint's dtype, beside every other file of
+                               the pretrained folder (config, tokenizer, whisper-large-v3/, speech tokenizer)
+    export      export         the original layout, loadable offline (common.families.kimi_audio.export)
+    evaluate    open_engine    batched greedy decoding of the text stream (common.families.kimi_audio.engines)
+
+Settings the family reads (the stage's settings as a mapping): pretrained's ``speech_tokenizer``; finetune's
+``lora_*``, ``merge_alpha``, ``seed``; the instruction is 「请把这段语音转录成文本。」 in training and evaluation alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.core.stage import StageFailed, cache_dir
+from common.families import Built, FrontEnd, Planning
+
+if TYPE_CHECKING:
+    from common.training.planner import Plan
+
+log = logging.getLogger(__name__)
+
+name = "kimi-audio"
+SPEECH_TOKENIZER = "glm-4-voice-tokenizer"  # the speech tokenizer's subfolder inside model/
+CODES_KEY = "speech_codes"  # a record's GLM-4-Voice codes, when extract cached them
+CODES_META = "speech_codes.json"  # extract/: the speech tokenizer the cached codes come from
+STANDIN_NAME = "kimi-audio-tiny"
+STANDIN_REVISION = 1  # bump when the stand-in's construction changes (its cache folder follows)
+STANDIN_NOTE = ("a random stand-in built in code (real vocabulary layout and token ids, tiny widths): every "
+                "transcript and CER it produces is meaningless; it exists to run the pipeline")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # 28 layers × 7
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+FEATURE_DTYPE = "float16"  # cached Whisper features: (n, 5120) per clip, half the RAM of fp32
+
+
+# --- pretrained -----------------------------------------------------------------------------------------
+
+
+def _bundled_tiny() -> tuple[Path, dict[str, Any]]:
+    from common.core.files import atomic_dir
+    from common.families.kimi_audio.standin import build_standin
+
+    folder = cache_dir() / "models" / f"{STANDIN_NAME}-r{STANDIN_REVISION}"
+    if not (folder / "config.json").is_file():
+        with atomic_dir(folder) as tmp:
+            build_standin(tmp, seed=0)
+    log.warning("bundled:%s is %s", STANDIN_NAME, STANDIN_NOTE)
+    return folder, {"resolved_source": f"built in code (stand-in revision {STANDIN_REVISION}, seed 0)",
+                    "license": "none: random weights", "bundled": STANDIN_NAME}
+
+
+bundled = {STANDIN_NAME: _bundled_tiny}
+
+
+def bundled_fingerprint(model: str) -> dict[str, Any]:
+    return {"standin_revision": STANDIN_REVISION}
+
+
+def folder_problems(folder: Path) -> list[str]:
+    """Everything a Kimi-Audio model folder lacks or gets wrong, found from its small files and the safetensors
+    headers alone (no weight is read): config.json, the LLM's tensors (names, shapes, floating dtypes), the
+    whisper-large-v3/ encoder folder."""
+    from common.families.kimi_audio.conventions import WHISPER_SUBFOLDER, KimiAudioConfig
+    from common.families.kimi_audio.model import build_on_meta, check_state_dict
+
+    problems: list[str] = []
+    try:
+        config = KimiAudioConfig.from_json(folder / "config.json")
+    except ValueError as e:
+        return [str(e)]
+    headers, dtypes = safetensors_headers(folder)
+    if not headers:
+        problems.append(f"{folder}: no *.safetensors with the LLM's weights")
+    else:
+        problems += check_state_dict(build_on_meta(config), headers)
+        problems += [f"{k}: dtype {d}, expected a floating type" for k, d in dtypes.items()
+                     if not d.startswith(("F", "BF"))]
+    whisper = folder / WHISPER_SUBFOLDER
+    for needed in ("config.json", "preprocessor_config.json"):
+        if not (whisper / needed).is_file():
+            problems.append(f"{whisper / needed} missing (the Whisper-large-v3 encoder the speech features come from)")
+    if whisper.is_dir() and not any(whisper.glob("*.safetensors")) and not any(whisper.glob("*.bin")):
+        problems.append(f"{whisper}: no weights (*.safetensors)")
+    return problems
+
+
+def safetensors_headers(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """({tensor name: meta tensor of its shape}, {name: dtype}) from the headers of every *.safetensors."""
+    import torch
+    from safetensors import safe_open
+
+    shapes: dict[str, Any] = {}
+    dtypes: dict[str, str] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                shapes[key] = torch.empty(piece.get_shape(), device="meta")
+                dtypes[key] = piece.get_dtype()
+    return shapes, dtypes
+
+
+def _link_tree(src: Path, dest: Path) -> None:
+    """Copy a folder tree, hard-linking files where the file system allows (a 20 GB model is not copied twice)."""
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
+def materialize(source: Path, facts: dict[str, Any], dest: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the Kimi-Audio folder ``source`` and its speech tokenizer — every missing piece listed at once,
+    before any weight is copied — then write them as ``dest`` (model/ with glm-4-voice-tokenizer/ inside)."""
+    from common.core.models import fetch_model
+    from common.core.settings import S3Settings
+    from common.families.kimi_audio.conventions import KimiAudioConfig
+    from common.families.kimi_audio.tokenizer import find_bpe_file
+
+    problems = folder_problems(source)
+    ref = settings.get("speech_tokenizer")
+    s3 = settings.get("s3")
+    speech = fetch_model(ref, S3Settings(**s3) if isinstance(s3, Mapping) else s3)[0] if ref else \
+        source / SPEECH_TOKENIZER
+    if not (speech / "config.json").is_file():
+        problems.append(f"no GLM-4-Voice speech tokenizer: {speech} has no config.json. Pass --speech-tokenizer "
+                        "with the THUDM/glm-4-voice-tokenizer folder (local, s3:// or hf://)")
+    if problems:
+        raise StageFailed(f"{facts.get('ref', source)} is not a usable Kimi-Audio model ({len(problems)} "
+                          "problem(s)):\n  - " + "\n  - ".join(problems) + "\nDownload the whole model folder on a "
+                          "machine with hub access (hf download moonshotai/Kimi-Audio-7B-Instruct --local-dir "
+                          "Kimi-Audio-7B-Instruct; hf download THUDM/glm-4-voice-tokenizer --local-dir "
+                          "glm-4-voice-tokenizer) and pass both folders (--model, --speech-tokenizer).", exit_code=2)
+    _link_tree(source, dest)
+    if speech != dest / SPEECH_TOKENIZER and speech.resolve() != (source / SPEECH_TOKENIZER).resolve():
+        shutil.rmtree(dest / SPEECH_TOKENIZER, ignore_errors=True)
+        _link_tree(speech, dest / SPEECH_TOKENIZER)
+    bpe = find_bpe_file(dest)
+    config = KimiAudioConfig.from_json(dest / "config.json")
+    standin = facts.get("bundled") == STANDIN_NAME
+    if standin:
+        log.warning("the model is %s", STANDIN_NOTE)
+    return {"conversion": "none (folder checked and copied)", "source_format": "kimi-audio",
+            "model": {"model_type": "kimi-audio", "hidden_size": config.hidden_size,
+                      "layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
+                      "text_tokenizer": bpe.source, "text_tokenizer_sha256": bpe.sha256,
+                      "random_standin": standin}}
+
+
+# --- extract --------------------------------------------------------------------------------------------
+
+
+def _audio(rec: dict, run_dir: Path):
+    from common.core.audio import load_audio
+    from common.core.records import audio_location
+
+    return load_audio(audio_location(rec, run_dir))[0]
+
+
+def speech_codes(model_dir: Path, audios: Sequence[Any], batch: int = 8) -> list[list[int]]:
+    """GLM-4-Voice codes of 16 kHz clips with the model folder's speech tokenizer (batched)."""
+    from common.families.kimi_audio.glm_tokenizer import GlmSpeechTokenizer
+
+    tokenizer = GlmSpeechTokenizer.from_folder(Path(model_dir) / SPEECH_TOKENIZER)
+    out: list[list[int]] = []
+    for start in range(0, len(audios), batch):
+        out += tokenizer.encode(list(audios[start:start + batch]))
+    return out
+
+
+def front_end(model_dir: Path) -> FrontEnd:
+    import json
+
+    from common.core.models import folder_fingerprint
+    from common.core.store import atomic_write_bytes
+
+    folder = Path(model_dir) / SPEECH_TOKENIZER
+    params = {"speech_tokenizer": folder_fingerprint(folder)[:16], "codes_per_second": 12.5}
+
+    def write(records, run_dir, out_dir, split, rows):
+        from tqdm import tqdm
+
+        out = []
+        for start in tqdm(range(0, len(records), rows), desc=f"GLM-4-Voice codes {split}", unit="shard"):
+            chunk = records[start:start + rows]
+            codes = speech_codes(model_dir, [_audio(r, run_dir) for r in chunk])
+            out += [{**r, CODES_KEY: c} for r, c in zip(chunk, codes, strict=True)]
+        return out
+
+    def write_meta(out_dir, extra):
+        atomic_write_bytes(Path(out_dir) / CODES_META, json.dumps({"params": params, **extra}, indent=2,
+                                                                  ensure_ascii=False).encode())
+
+    return FrontEnd(params=params, bytes_per_clip=375 * 6, max_seconds=float("inf"), write=write,
+                    write_meta=write_meta)
+
+
+# --- finetune -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KimiExample:
+    id: str
+    transcript_ids: tuple[int, ...]
+    n_codes: int
+
+    @property
+    def labels(self) -> tuple[int, ...]:  # the scored tokens: transcript + end of transcript
+        return (*self.transcript_ids, 0)
+
+
+def _instruction(model_dir: Path) -> list[int]:
+    from common.families.kimi_audio.sample import DEFAULT_INSTRUCTION
+    from common.families.kimi_audio.tokenizer import load_text_tokenizer
+
+    return load_text_tokenizer(model_dir).encode(DEFAULT_INSTRUCTION)
+
+
+def training_data(model_dir: Path, records: Sequence[dict]) -> tuple[list, list[dict]]:
+    from common.core.audio import SAMPLE_RATE
+    from common.core.records import transcript
+    from common.families.kimi_audio.conventions import KimiAudioConfig, stacked_frames
+    from common.families.kimi_audio.sample import sample_length
+    from common.families.kimi_audio.tokenizer import load_text_tokenizer
+
+    tokenizer = load_text_tokenizer(model_dir)
+    limit = KimiAudioConfig.from_json(Path(model_dir) / "config.json").max_position_embeddings
+    n_instruction = len(tokenizer.encode(_default_instruction()))
+    examples, rejected = [], []
+    for rec in records:
+        ids = tuple(tokenizer.encode(transcript(rec)))
+        n = len(rec[CODES_KEY]) if CODES_KEY in rec else stacked_frames(int(float(rec.get("duration") or 30.0)
+                                                                              * SAMPLE_RATE))
+        length = sample_length(n_instruction, n, len(ids))
+        if length > limit:
+            rejected.append({"id": rec["id"], "reason": f"the sample has {length} positions; the model holds {limit}"})
+            continue
+        examples.append(KimiExample(rec["id"], ids, n))
+    return examples, rejected
+
+
+def _default_instruction() -> str:
+    from common.families.kimi_audio.sample import DEFAULT_INSTRUCTION
+
+    return DEFAULT_INSTRUCTION
+
+
+def data_facts(model_dir: Path, records: Sequence[dict]) -> dict[str, Any]:
+    from common.families.kimi_audio.sample import sample_length
+
+    examples, rejected = training_data(model_dir, records)
+    n_instruction = len(_instruction(model_dir))
+    by_id = {r["id"]: r for r in records}
+    return {
+        "clips": len(examples),
+        "longest_seconds": max((float(by_id[e.id].get("duration") or 30.0) for e in examples), default=0.0),
+        "longest_labels": max((len(e.labels) for e in examples), default=0),
+        "longest_sequence": max((sample_length(n_instruction, e.n_codes, len(e.transcript_ids)) for e in examples),
+                                default=0),
+        "rejected": rejected,
+    }
+
+
+ASSUMED_CLIPS = 1000  # the data set size a plan made before `prepare` ran assumes (the pod re-plans on the real one)
+
+
+def assumed_planning() -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(config, data facts, what was assumed) for planning before the run has any output: Kimi-Audio-7B's
+    published shape and worst-case samples (30-s clips, 128-token transcripts), so the pod is not too small."""
+    from common.families.kimi_audio.conventions import KIMI_AUDIO_7B, POSITIONS_PER_CHUNK
+    from common.families.kimi_audio.sample import sample_length
+
+    longest = sample_length(9, POSITIONS_PER_CHUNK, 128)  # 9 instruction ids, a full 30-s chunk of codes
+    facts = {"clips": ASSUMED_CLIPS, "longest_seconds": 30.0, "longest_labels": 129, "longest_sequence": longest,
+             "rejected": []}
+    return KIMI_AUDIO_7B.model_dump(), facts, (f"Kimi-Audio-7B's published shape, {ASSUMED_CLIPS} clips of up to "
+                                               f"30 s ({longest} positions)")
+
+
+def planning(config: Mapping[str, Any], facts: Mapping[str, Any], settings: Mapping[str, Any]) -> Planning:
+    from common.families.kimi_audio.conventions import KimiAudioConfig
+    from common.families.kimi_audio.profile import profile_from_config
+
+    kimi = KimiAudioConfig.from_dict(dict(config))
+    seq = int(facts["longest_sequence"])
+    return Planning(profile=profile_from_config(kimi, llm_seq_len=seq), n_samples=int(facts["clips"]),
+                    decisions=[("llm_sequence", seq, "the longest sample: instruction + speech codes + transcript "
+                                                     "+ 8 fixed positions"),
+                               ("whisper_encoder", "frozen", "its features are computed once per clip before "
+                                                             "training; the GLM-4-Voice tokenizer ran in extract")])
+
+
+class _Trainee:
+    """Factory of the module the training loops train: the LLM (LoRA-wrapped or not) and a loss."""
+
+    @staticmethod
+    def build(model, owner, spec: dict[str, Any]):
+        import torch
+
+        class KimiTrainee(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.owner = owner  # holds the trainable weights: the peft model, or the LLM itself
+                self._llm = [model]
+                self.spec = spec
+
+            @property
+            def model(self):
+                return self._llm[0]
+
+            @property
+            def checkpoint_meta(self) -> dict[str, Any]:
+                return {"spec": self.spec}
+
+            def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+                self.model.gradient_checkpointing = True
+
+            def forward(self, audio_ids, text_ids, speech_mask, whisper_features, attention_mask, position_ids,
+                        labels=None):
+                out = self.owner(audio_ids=audio_ids, text_ids=text_ids, speech_mask=speech_mask,
+                                 whisper_features=whisper_features, attention_mask=attention_mask,
+                                 position_ids=position_ids, labels=labels, return_logits=labels is None)
+                return {"loss": out.loss, "logits": out.logits}
+
+        return KimiTrainee()
+
+
+def lora_target_names(model) -> list[str]:
+    """The LLM trunk's projections (model.layers.{i}.self_attn.{q,k,v,o}_proj, .mlp.{gate,up,down}_proj):
+    never the audio branch's same-named layers, never the Whisper encoder (not part of the LLM)."""
+    return [n for n, _ in model.named_modules()
+            if n.startswith("model.layers.") and n.rsplit(".", 1)[-1] in LORA_TARGETS]
+
+
+def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
+    import torch
+
+    from common.families.kimi_audio.model import load_pretrained
+
+    model = load_pretrained(model_dir, dtype=torch.float32)
+    spec: dict[str, Any] = {"mode": plan.mode}
+    if plan.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = plan.lora
+        targets = lora_target_names(model)
+        spec.update(r=lora.r, alpha=lora.alpha, modules=len(targets))
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=float(settings.get("lora_dropout", 0.05)),
+                            target_modules=targets, bias="none")
+        owner = get_peft_model(model, config)  # freezes every base weight
+    else:
+        model.requires_grad_(True)
+        owner = model
+    model.freeze_audio_branch()  # never trained for ASR, whatever the mode
+    trainable = sum(p.numel() for p in owner.parameters() if p.requires_grad)
+    log.info("kimi-audio trainee: mode %s, %d trainable parameters%s", plan.mode, trainable,
+             f", LoRA on {spec.get('modules')} trunk projections" if plan.mode == "lora" else "")
+    return _Trainee.build(model, owner, spec)
+
+
+def whisper_features(model_dir: Path, audios: Sequence[Any]) -> list[Any]:
+    """(n, 5120) Whisper-large-v3 features of each clip with the folder's frozen encoder."""
+    import torch
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    from common.families.kimi_audio.conventions import WHISPER_SUBFOLDER
+    from common.families.kimi_audio.model import encode_clip
+
+    folder = Path(model_dir) / WHISPER_SUBFOLDER
+    encoder = WhisperModel.from_pretrained(str(folder), torch_dtype=torch.float32).get_encoder().eval()
+    fe = WhisperFeatureExtractor.from_pretrained(str(folder))
+    with torch.no_grad():
+        return [encode_clip(encoder, fe, a).to(getattr(torch, FEATURE_DTYPE)) for a in audios]
+
+
+def datasets(model_dir: Path, trainee: Any, examples: tuple[list, list], records: Mapping[str, dict],
+             dirs: Mapping[str, Path | None], plan: Plan, settings: Mapping[str, Any]) -> Built:
+    from common.families.kimi_audio.sample import asr_sample, collate
+
+    instruction = _instruction(model_dir)
+    every = [*examples[0], *examples[1]]
+    audios = {e.id: _audio(records[e.id], dirs["run"]) for e in every}
+    cached = all(CODES_KEY in records[e.id] for e in every)
+    codes = {e.id: records[e.id][CODES_KEY] for e in every} if cached else dict(
+        zip([e.id for e in every], speech_codes(model_dir, [audios[e.id] for e in every]), strict=True))
+    feats = dict(zip([e.id for e in every], whisper_features(model_dir, [audios[e.id] for e in every]), strict=True))
+
+    def items(exs: list) -> list[dict[str, Any]]:
+        return [{"sample": asr_sample(codes[e.id], e.transcript_ids, instruction), "features": feats[e.id]}
+                for e in exs]
+
+    def collator(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        out = collate([b["sample"] for b in batch], side="right")
+        width = max(b["features"].shape[0] for b in batch)
+        padded = torch.zeros(len(batch), width, batch[0]["features"].shape[1])
+        for row, b in enumerate(batch):
+            padded[row, : b["features"].shape[0]] = b["features"].float()
+        out["whisper_features"] = padded
+        return out
+
+    return Built(
+        train=items(examples[0]), eval=items(examples[1]) or None, collator=collator,
+        decisions=[("speech_codes_source", "extract cache" if cached else "computed here",
+                    "extract cached the GLM-4-Voice codes" if cached else
+                    "extract did not cache them (one epoch): computed from the audio"),
+                   ("instruction", _default_instruction(), "the same prompt in training and evaluation")],
+        fast_path_blocker="the fast loop trains Hugging Face encoder-decoder models; Kimi-Audio trains through "
+                          "the Trainer",
+    )
+
+
+def save_final(trainee: Any, out_dir: Path, model_dir: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``out_dir``: the pretrained folder with the LLM's weights replaced by the trained ones (LoRA merged;
+    ``merge_alpha`` < 1 pulls them back toward the pretrained ones), in the checkpoint's own dtype."""
+    import torch
+    from safetensors.torch import save_file
+
+    from common.core.files import atomic_dir
+    from common.training.merge import interpolate_weights
+
+    owner = trainee.owner
+    model = owner.merge_and_unload() if hasattr(owner, "merge_and_unload") else trainee.model
+    alpha = float(settings.get("merge_alpha", 1.0))
+    if alpha != 1.0:
+        interpolate_weights(model, model_dir, {"llm": alpha}, lambda name: "llm")
+    _, dtypes = safetensors_headers(model_dir)
+    dtype = torch.bfloat16 if "BF16" in set(dtypes.values()) else torch.float16 if "F16" in set(
+        dtypes.values()) else torch.float32
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
+             if not k.endswith("rotary_emb.inv_freq")}
+    with atomic_dir(out_dir) as tmp:
+        for path in sorted(Path(model_dir).iterdir()):  # everything but the LLM's weights, as pretrained has it
+            if path.name == "model.safetensors.index.json" or (path.is_file() and path.suffix in WEIGHT_SUFFIXES):
+                continue
+            if path.is_dir():
+                _link_tree(path, tmp / path.name)
+            else:
+                shutil.copy2(path, tmp / path.name)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return {"path": out_dir.name, "merge_alpha": alpha, "dtype": str(dtype).removeprefix("torch."),
+            "params": sum(v.numel() for v in state.values())}
+
+
+# --- export and evaluate ----------------------------------------------------------------------------------
+
+
+def export(source: Path, out_dir: Path, donor: Path | None, settings: Mapping[str, Any], clip: Any) -> dict[str, Any]:
+    from common.families.kimi_audio import export as exporting
+
+    return exporting.export(source, out_dir, donor, settings, clip)
+
+
+def open_engine(folder: Path, request: Any) -> tuple[Any, dict[str, Any]]:
+    from common.families.kimi_audio import engines
+
+    return engines.open_engine(folder, request)
