@@ -40,7 +40,7 @@ def test_parse_model_ref(ref: str, kind: str, location: str, revision: str | Non
     ("ref", "message"),
     [
         ("", "empty model reference"),
-        ("bundled:whisper-large", "bundled models: bundled:whisper-base"),
+        ("bundled:whisper-large", "bundled models: bundled:kimi-audio-tiny, bundled:whisper-base"),
         ("hf://whisper-small", "expected hf://org/name"),
         ("hf://a/b/c", "expected hf://org/name"),
         ("hf://openai/whisper-small@", "nothing after '@'"),
