@@ -111,11 +111,14 @@ class Stack(BaseModel):
 class ModelProfile(BaseModel):
     """Parameter groups and shapes of a model, enough to estimate training memory.
 
-    The groups are disjoint: total = encoder + decoder + embeddings + head + adaptor.
+    The groups are disjoint: total = encoder + decoder + embeddings + head + adaptor + inert.
     `decoder` is the decoder or LLM transformer (layers, norms, learned positions);
     `embeddings` the input token embeddings; `head` an untied output head (0 when tied).
     `fixed_params` counts parameters the model itself never trains (Whisper's sinusoidal
     encoder positions), included in `encoder`.
+    `inert_params` counts parameters that are held in memory but neither trained nor computed in any
+    mode (an output branch the task never runs, e.g. Kimi-Audio's audio-output branch under ASR): they
+    weigh as frozen weights, and have no gradients, no optimizer state and no activations (no stack).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -127,6 +130,7 @@ class ModelProfile(BaseModel):
     head_params: int
     adaptor_params: int = 0
     fixed_params: int = 0
+    inert_params: int = 0
     largest_layer_params: int  # biggest single weight tensor (ZeRO-3 gathers it whole)
     vocab_size: int
     hidden_size: int  # of the decoder/LLM: DeepSpeed bucket sizes derive from it
@@ -146,6 +150,7 @@ class ModelProfile(BaseModel):
             + self.embedding_params
             + self.head_params
             + self.adaptor_params
+            + self.inert_params
         )
 
     def lora_params(self, r: int, targets: Sequence[str], parts: Sequence[str] | None = None) -> int:
@@ -166,9 +171,9 @@ class ModelProfile(BaseModel):
 
     def trainable_params(self, mode: Mode, lora: LoraSpec | None = None) -> int:
         if mode == "full":
-            return self.total_params - self.fixed_params
+            return self.total_params - self.fixed_params - self.inert_params
         if mode == "freeze-encoder":
-            return self.total_params - self.encoder_params
+            return self.total_params - self.encoder_params - self.inert_params
         if lora is None:
             raise ValueError("mode 'lora' needs a LoraSpec (r, targets)")
         return self.lora_params(lora.r, lora.targets, lora.parts)
