@@ -184,6 +184,32 @@ def test_repetition_penalty(engine, monkeypatch, chosen, expected):
     assert scores[0].tolist() == expected
 
 
+def without_preprocessor_file(whisper: Path) -> None:  # upstream computes the log-mel itself
+    (whisper / "preprocessor_config.json").unlink()
+
+
+def renamed_keys(rename):
+    def change(whisper: Path) -> None:
+        from safetensors.torch import load_file, save
+
+        state = load_file(str(whisper / "model.safetensors"))
+        (whisper / "model.safetensors").write_bytes(save({rename(k): v for k, v in state.items() if rename(k)}))
+    return change
+
+
+@pytest.mark.parametrize("variant", [
+    without_preprocessor_file,
+    renamed_keys(lambda k: "model." + k),  # a WhisperForConditionalGeneration checkpoint: model.encoder.*
+    renamed_keys(lambda k: k.removeprefix("encoder.") if k.startswith("encoder.") else None),  # the encoder alone
+], ids=["no preprocessor_config.json", "model.encoder.* keys", "bare encoder keys"])
+def test_whisper_folder_variants_give_the_same_transcripts(standin, engine, clips, tmp_path, variant):
+    download = tmp_path / "download"
+    shutil.copytree(standin, download)
+    variant(download / "whisper-large-v3")
+    assert folder_problems(download) == []
+    assert KimiEngine(download, dtype=torch.float32).transcribe(clips) == engine.transcribe(clips)
+
+
 def test_transcripts_are_text(engine, clips):
     texts = engine.transcribe(clips)
     assert len(texts) == 3 and all(isinstance(t, str) and t for t in texts)
@@ -293,6 +319,11 @@ def truncate(folder: Path) -> None:
     (folder / SHARD_1).write_bytes(data[: len(data) // 2])
 
 
+def other_mel_bins(folder: Path) -> None:
+    path = folder / "whisper-large-v3" / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "feature_size": 80}))
+
+
 def drop_glm_weights(folder: Path) -> None:
     (folder / "glm-4-voice-tokenizer" / "model.safetensors").unlink()
 
@@ -302,6 +333,7 @@ def drop_glm_weights(folder: Path) -> None:
     ([wrong_shape], ["LLM weights: wrong shape: lm_head.weight is (1000, 32), expected (168448, 32)"]),
     ([drop_whisper, wrong_shape], ["whisper-large-v3/ is missing", "wrong shape: lm_head.weight is (1000, 32)"]),
     ([truncate, drop_glm_weights], [f"{SHARD_1}: truncated", "glm-4-voice-tokenizer/: no model*.safetensors"]),
+    ([other_mel_bins], ["whisper-large-v3/preprocessor_config.json: {'feature_size': 80}"]),
 ])
 def test_a_broken_folder_is_refused_with_every_problem(standin, tmp_path, breaks, problems):
     broken = tmp_path / "broken"

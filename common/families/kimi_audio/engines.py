@@ -51,10 +51,13 @@ from common.families.kimi_audio import sample
 from common.families.kimi_audio.conventions import POSITIONS_PER_SECOND, WHISPER_SUBFOLDER
 from common.families.kimi_audio.folder import (
     GLM_SUBFOLDER,
+    PREPROCESSOR_FILE,
     STANDIN_FILE,
-    WHISPER_PREFIXES,
+    WHISPER_LOG_MEL,
     check_model_folder,
+    llm_weight_files,
     model_folder,
+    whisper_prefix,
 )
 from common.families.kimi_audio.tokenizer import PAD, TEXT_BLANK, TEXT_EOS, TEXT_VOCAB
 
@@ -188,15 +191,10 @@ class KimiEngine:
             if self.repetition_penalty != 1.0:
                 scores = self._penalize(scores, chosen)
             picks = scores.argmax(dim=-1).tolist()
-            active = [stopped[b] is None for b in range(rows)]
-            for b in range(rows):
-                if not active[b]:
-                    continue
-                chosen[b].append(picks[b])
-                if picks[b] == TEXT_EOS:
-                    stopped[b] = "eos"
-                elif len(chosen[b]) >= budgets[b]:
-                    stopped[b] = "budget"
+            for b, pick in enumerate(picks):
+                if stopped[b] is None:
+                    chosen[b].append(pick)
+                    stopped[b] = "eos" if pick == TEXT_EOS else "budget" if len(chosen[b]) >= budgets[b] else None
             if all(s is not None for s in stopped):
                 break
             live = torch.tensor([s is None for s in stopped], device=self.device)
@@ -226,33 +224,38 @@ class KimiEngine:
 
 def load_whisper_encoder(folder: Path, device: Any, dtype: Any) -> tuple[Any, Any]:
     """(WhisperEncoder, WhisperFeatureExtractor) of a Hugging Face Whisper folder: only the encoder's weights are
-    read (a WhisperModel's ``encoder.*`` or a WhisperForConditionalGeneration's ``model.encoder.*``), strictly,
-    frozen, in ``dtype`` on ``device``."""
+    read (see :func:`~common.families.kimi_audio.folder.whisper_prefix`), strictly, frozen, in ``dtype`` on
+    ``device``."""
     import torch
     from safetensors import safe_open
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    from common.families.kimi_audio.folder import llm_weight_files
 
     folder = Path(folder)
     config = WhisperConfig.from_json_file(str(folder / "config.json"))
     with torch.device("meta"):
         encoder = WhisperEncoder(config)
     files, _ = llm_weight_files(folder)
-    state: dict[str, Any] = {}
+    keys = {}
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            prefix = next((p for p in reversed(WHISPER_PREFIXES) if any(k.startswith(p) for k in keys)), None)
-            for key in keys if prefix else []:
-                if key.startswith(prefix):
-                    state[key.removeprefix(prefix)] = f.get_tensor(key).to(device=device, dtype=dtype)
+            keys.update(dict.fromkeys(f.keys(), path))
+    prefix = whisper_prefix(keys)
+    state: dict[str, Any] = {}
+    for path in files:  # the encoder's tensors only (a full checkpoint also holds the decoder)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in (k for k, where in keys.items() if where == path and k.startswith(prefix)):
+                state[key.removeprefix(prefix)] = f.get_tensor(key).to(device=device, dtype=dtype)
     missing = sorted(set(encoder.state_dict()) - set(state))
     if missing:  # folder.whisper_problems reports these first; this guards direct calls
         raise FamilyError(f"{folder}: the Whisper encoder lacks {len(missing)} weights ({', '.join(missing[:5])} …)")
     encoder.load_state_dict(state, strict=True, assign=True)
-    extractor = WhisperFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
+    if (folder / PREPROCESSOR_FILE).is_file():
+        extractor = WhisperFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
+    else:  # upstream computes Whisper's log-mel itself, so a downloaded folder may have no preprocessor file
+        extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, **WHISPER_LOG_MEL)
+        log.info("%s has no %s: Whisper's log-mel settings %s with %d mel bins", folder, PREPROCESSOR_FILE,
+                 WHISPER_LOG_MEL, config.num_mel_bins)
     log.info("Whisper encoder: %s (d_model %d, %d layers, %s on %s)", folder, config.d_model, config.encoder_layers,
              dtype, device)
     return encoder.eval().requires_grad_(False), extractor

@@ -12,13 +12,14 @@ The layout (a downloaded Kimi-Audio-7B(-Instruct) folder has it; asr-ft adds the
                                  when sharded)
     tiktoken.model               optional: the text tokenizer's BPE (else the pinned stand-in, tokenizer.py)
     other files                  tokenizer config, modeling code, generation config … (not read here)
-    whisper-large-v3/            a Hugging Face WhisperModel folder: config.json, *.safetensors,
+    whisper-large-v3/            a Hugging Face WhisperModel folder: config.json, *.safetensors and maybe
                                  preprocessor_config.json; only its encoder is used
     glm-4-voice-tokenizer/       the GLM-4-Voice speech tokenizer (GlmSpeechTokenizer.save's layout)
     STANDIN.txt                  only in a random stand-in (standin.py): its transcripts mean nothing
 
-Reads: ``config.json`` files and the headers of the safetensors files (8 bytes + a JSON header each, so a
-20-GB folder is checked in well under a second). Decides: nothing. Writes: nothing.
+Reads: ``config.json`` files and the headers of the safetensors files (8 bytes + a JSON header each; the
+expected names and shapes come from the model built on ``meta``), so a 20-GB folder is checked in seconds.
+Decides: nothing. Writes: nothing.
 
 Each part has its own check (:func:`llm_problems`, :func:`whisper_problems`, :func:`glm_problems`) so export
 can check the parts it is about to assemble from two folders before writing anything.
@@ -34,14 +35,17 @@ from typing import Any
 
 from common.families import FamilyError
 from common.families.kimi_audio.conventions import STACK, WHISPER_N_MELS, WHISPER_SUBFOLDER, KimiAudioConfig
+from common.families.kimi_audio.glm_tokenizer import N_FFT
+from common.families.whisper.conventions import CHUNK_SECONDS, HOP_LENGTH, SAMPLE_RATE
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"  # the shard map of a sharded LLM (Hugging Face's name)
 GLM_SUBFOLDER = "glm-4-voice-tokenizer"  # asr-ft's addition: the tokenizer the model's speech codes come from
 STANDIN_FILE = "STANDIN.txt"  # marks a random stand-in (standin.py)
 EXPORT_SUBFOLDER = "model"  # export writes the model folder here (export.py)
-PREPROCESSOR_FILE = "preprocessor_config.json"
-WHISPER_PREFIXES = ("encoder.", "model.encoder.")  # WhisperModel's keys, WhisperForConditionalGeneration's keys
+PREPROCESSOR_FILE = "preprocessor_config.json"  # optional in whisper-large-v3/ (upstream computes its own log-mel)
+# Whisper's log-mel settings (upstream's whisper_Lv3 hard-codes the same); a preprocessor_config.json must agree.
+WHISPER_LOG_MEL = {"sampling_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH, "n_fft": N_FFT, "chunk_length": CHUNK_SECONDS}
 FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors dtype names of the weights a model folder may hold
 HEADER_SIZE_LIMIT = 100_000_000  # bytes: a larger JSON header means the file is not safetensors
 FOLDER_HINT = ("Expected a Kimi-Audio-7B(-Instruct) folder (config.json, the LLM *.safetensors, whisper-large-v3/) "
@@ -174,14 +178,16 @@ def whisper_problems(folder: Path, config: KimiAudioConfig | None) -> list[str]:
     if config is not None and STACK * wconfig.d_model != config.kimia_adaptor_input_dim:
         problems.append(f"{name}{CONFIG_FILE}: d_model {wconfig.d_model} × {STACK} stacked frames ≠ the adaptor's "
                         f"input {config.kimia_adaptor_input_dim} (kimia_adaptor_input_dim): not this model's encoder")
-    try:
-        pre = json.loads((folder / PREPROCESSOR_FILE).read_text(encoding="utf-8"))
-        if pre.get("feature_size") != wconfig.num_mel_bins:
-            problems.append(f"{name}{PREPROCESSOR_FILE}: feature_size {pre.get('feature_size')}, expected "
-                            f"num_mel_bins {wconfig.num_mel_bins}")
-    except (OSError, ValueError) as e:
-        problems.append(f"{name}{PREPROCESSOR_FILE}: unreadable ({type(e).__name__}); the Whisper feature "
-                        "extractor's settings belong there")
+    if (folder / PREPROCESSOR_FILE).is_file():  # optional: without it the engine uses Whisper's own settings
+        try:
+            pre = json.loads((folder / PREPROCESSOR_FILE).read_text(encoding="utf-8"))
+            expected = {**WHISPER_LOG_MEL, "feature_size": wconfig.num_mel_bins}
+            wrong = {k: pre[k] for k, v in expected.items() if k in pre and pre[k] != v}
+            if wrong:
+                problems.append(f"{name}{PREPROCESSOR_FILE}: {wrong}, expected {expected} (Whisper-large-v3's "
+                                "log-mel, which the model was trained on)")
+        except (OSError, ValueError) as e:
+            problems.append(f"{name}{PREPROCESSOR_FILE}: unreadable ({type(e).__name__}: {e})")
     files, index_problems = llm_weight_files(folder)
     problems += [f"{name}{p}" for p in index_problems]
     if not files:
@@ -191,7 +197,7 @@ def whisper_problems(folder: Path, config: KimiAudioConfig | None) -> list[str]:
         header, bad = read_header(path, f"{name}{path.name}")
         problems += bad
         shapes.update({k: shape for k, (_, shape) in header.items()})
-    prefix = next((p for p in reversed(WHISPER_PREFIXES) if any(k.startswith(p) for k in shapes)), WHISPER_PREFIXES[0])
+    prefix = whisper_prefix(shapes)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in WhisperEncoder(wconfig).state_dict().items()}
     given = {k.removeprefix(prefix): v for k, v in shapes.items() if k.startswith(prefix)}
@@ -237,6 +243,13 @@ def glm_problems(folder: Path, config: KimiAudioConfig | None) -> list[str]:
                  for k, s in expected.items() if k in given and given[k] != s]
     problems += [f"{name}: unexpected {k} {s}" for k, s in given.items() if k not in expected]
     return problems
+
+
+def whisper_prefix(keys: Iterable[str]) -> str:
+    """How a Whisper checkpoint names its encoder: ``model.encoder.`` (WhisperForConditionalGeneration),
+    ``encoder.`` (WhisperModel), or no prefix (a WhisperEncoder saved alone)."""
+    keys = list(keys)
+    return next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in keys)), "")
 
 
 # --- safetensors headers -------------------------------------------------------------------------------------
