@@ -201,6 +201,10 @@ class KimiAudioConfig(BaseModel):
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict, as transformers configs offer it (peft reads a model's config this way)."""
+        return self.model_dump()
+
 
 # The published Kimi-Audio-7B / -7B-Instruct shape (both share it).
 KIMI_AUDIO_7B = KimiAudioConfig(

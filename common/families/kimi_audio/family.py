@@ -46,6 +46,10 @@ STANDIN_NAME = "kimi-audio-tiny"
 STANDIN_REVISION = 1  # bump when the stand-in's construction changes (its cache folder follows)
 STANDIN_NOTE = ("a random stand-in built in code (real vocabulary layout and token ids, tiny widths): every "
                 "transcript and CER it produces is meaningless; it exists to run the pipeline")
+DOWNLOAD_HINT = ("Download both folders on a machine with hub access (hf download moonshotai/Kimi-Audio-7B-Instruct "
+                 "--local-dir Kimi-Audio-7B-Instruct; hf download THUDM/glm-4-voice-tokenizer --local-dir "
+                 "glm-4-voice-tokenizer), put them where this machine reads them (a folder, a PVC, s3://), and pass "
+                 "--model and --speech-tokenizer.")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # 28 layers × 7
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 FEATURE_DTYPE = "float16"  # cached Whisper features: (n, 5120) per clip, half the RAM of fp32
@@ -74,50 +78,6 @@ def bundled_fingerprint(model: str) -> dict[str, Any]:
     return {"standin_revision": STANDIN_REVISION}
 
 
-def folder_problems(folder: Path) -> list[str]:
-    """Everything a Kimi-Audio model folder lacks or gets wrong, found from its small files and the safetensors
-    headers alone (no weight is read): config.json, the LLM's tensors (names, shapes, floating dtypes), the
-    whisper-large-v3/ encoder folder."""
-    from common.families.kimi_audio.conventions import WHISPER_SUBFOLDER, KimiAudioConfig
-    from common.families.kimi_audio.model import build_on_meta, check_state_dict
-
-    problems: list[str] = []
-    try:
-        config = KimiAudioConfig.from_json(folder / "config.json")
-    except ValueError as e:
-        return [str(e)]
-    headers, dtypes = safetensors_headers(folder)
-    if not headers:
-        problems.append(f"{folder}: no *.safetensors with the LLM's weights")
-    else:
-        problems += check_state_dict(build_on_meta(config), headers)
-        problems += [f"{k}: dtype {d}, expected a floating type" for k, d in dtypes.items()
-                     if not d.startswith(("F", "BF"))]
-    whisper = folder / WHISPER_SUBFOLDER
-    for needed in ("config.json", "preprocessor_config.json"):
-        if not (whisper / needed).is_file():
-            problems.append(f"{whisper / needed} missing (the Whisper-large-v3 encoder the speech features come from)")
-    if whisper.is_dir() and not any(whisper.glob("*.safetensors")) and not any(whisper.glob("*.bin")):
-        problems.append(f"{whisper}: no weights (*.safetensors)")
-    return problems
-
-
-def safetensors_headers(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """({tensor name: meta tensor of its shape}, {name: dtype}) from the headers of every *.safetensors."""
-    import torch
-    from safetensors import safe_open
-
-    shapes: dict[str, Any] = {}
-    dtypes: dict[str, str] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                shapes[key] = torch.empty(piece.get_shape(), device="meta")
-                dtypes[key] = piece.get_dtype()
-    return shapes, dtypes
-
-
 def _link_tree(src: Path, dest: Path) -> None:
     """Copy a folder tree, hard-linking files where the file system allows (a 20 GB model is not copied twice)."""
     for path in sorted(src.rglob("*")):
@@ -137,23 +97,31 @@ def materialize(source: Path, facts: dict[str, Any], dest: Path, settings: Mappi
     before any weight is copied — then write them as ``dest`` (model/ with glm-4-voice-tokenizer/ inside)."""
     from common.core.models import fetch_model
     from common.core.settings import S3Settings
-    from common.families.kimi_audio.conventions import KimiAudioConfig
+    from common.families.kimi_audio.conventions import WHISPER_SUBFOLDER, KimiAudioConfig
+    from common.families.kimi_audio.folder import (
+        CONFIG_FILE,
+        glm_problems,
+        llm_problems,
+        problem_report,
+        read_config,
+        whisper_problems,
+    )
     from common.families.kimi_audio.tokenizer import find_bpe_file
 
-    problems = folder_problems(source)
     ref = settings.get("speech_tokenizer")
     s3 = settings.get("s3")
     speech = fetch_model(ref, S3Settings(**s3) if isinstance(s3, Mapping) else s3)[0] if ref else \
         source / SPEECH_TOKENIZER
-    if not (speech / "config.json").is_file():
+    config, problems = read_config(source / CONFIG_FILE)
+    problems += llm_problems(source, config) + whisper_problems(source / WHISPER_SUBFOLDER, config)
+    if not (speech / CONFIG_FILE).is_file():
         problems.append(f"no GLM-4-Voice speech tokenizer: {speech} has no config.json. Pass --speech-tokenizer "
                         "with the THUDM/glm-4-voice-tokenizer folder (local, s3:// or hf://)")
+    else:
+        problems += glm_problems(speech, config)
     if problems:
-        raise StageFailed(f"{facts.get('ref', source)} is not a usable Kimi-Audio model ({len(problems)} "
-                          "problem(s)):\n  - " + "\n  - ".join(problems) + "\nDownload the whole model folder on a "
-                          "machine with hub access (hf download moonshotai/Kimi-Audio-7B-Instruct --local-dir "
-                          "Kimi-Audio-7B-Instruct; hf download THUDM/glm-4-voice-tokenizer --local-dir "
-                          "glm-4-voice-tokenizer) and pass both folders (--model, --speech-tokenizer).", exit_code=2)
+        raise StageFailed(problem_report(f"{facts.get('ref', source)} is not a usable Kimi-Audio model", problems,
+                                         DOWNLOAD_HINT), exit_code=2)
     _link_tree(source, dest)
     if speech != dest / SPEECH_TOKENIZER and speech.resolve() != (source / SPEECH_TOKENIZER).resolve():
         shutil.rmtree(dest / SPEECH_TOKENIZER, ignore_errors=True)
@@ -384,14 +352,12 @@ def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
 def whisper_features(model_dir: Path, audios: Sequence[Any]) -> list[Any]:
     """(n, 5120) Whisper-large-v3 features of each clip with the folder's frozen encoder."""
     import torch
-    from transformers import WhisperFeatureExtractor, WhisperModel
 
     from common.families.kimi_audio.conventions import WHISPER_SUBFOLDER
+    from common.families.kimi_audio.engines import load_whisper_encoder
     from common.families.kimi_audio.model import encode_clip
 
-    folder = Path(model_dir) / WHISPER_SUBFOLDER
-    encoder = WhisperModel.from_pretrained(str(folder), torch_dtype=torch.float32).get_encoder().eval()
-    fe = WhisperFeatureExtractor.from_pretrained(str(folder))
+    encoder, fe = load_whisper_encoder(Path(model_dir) / WHISPER_SUBFOLDER, "cpu", torch.float32)
     with torch.no_grad():
         return [encode_clip(encoder, fe, a).to(getattr(torch, FEATURE_DTYPE)) for a in audios]
 
@@ -441,6 +407,7 @@ def save_final(trainee: Any, out_dir: Path, model_dir: Path, settings: Mapping[s
     from safetensors.torch import save_file
 
     from common.core.files import atomic_dir
+    from common.families.kimi_audio.folder import llm_weight_files, read_header
     from common.training.merge import interpolate_weights
 
     owner = trainee.owner
@@ -448,9 +415,9 @@ def save_final(trainee: Any, out_dir: Path, model_dir: Path, settings: Mapping[s
     alpha = float(settings.get("merge_alpha", 1.0))
     if alpha != 1.0:
         interpolate_weights(model, model_dir, {"llm": alpha}, lambda name: "llm")
-    _, dtypes = safetensors_headers(model_dir)
-    dtype = torch.bfloat16 if "BF16" in set(dtypes.values()) else torch.float16 if "F16" in set(
-        dtypes.values()) else torch.float32
+    files, _ = llm_weight_files(model_dir)
+    stored = {dtype for path in files for dtype, _ in read_header(path)[0].values()}
+    dtype = torch.bfloat16 if "BF16" in stored else torch.float16 if "F16" in stored else torch.float32
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
              if not k.endswith("rotary_emb.inv_freq")}
     with atomic_dir(out_dir) as tmp:
