@@ -100,6 +100,7 @@ def materialize(source: Path, facts: dict[str, Any], dest: Path, settings: Mappi
     from common.families.kimi_audio.conventions import WHISPER_SUBFOLDER, KimiAudioConfig
     from common.families.kimi_audio.folder import (
         CONFIG_FILE,
+        STANDIN_FILE,
         glm_problems,
         llm_problems,
         problem_report,
@@ -128,7 +129,7 @@ def materialize(source: Path, facts: dict[str, Any], dest: Path, settings: Mappi
         _link_tree(speech, dest / SPEECH_TOKENIZER)
     bpe = find_bpe_file(dest)
     config = KimiAudioConfig.from_json(dest / "config.json")
-    standin = facts.get("bundled") == STANDIN_NAME
+    standin = facts.get("bundled") == STANDIN_NAME or (dest / STANDIN_FILE).is_file()
     if standin:
         log.warning("the model is %s", STANDIN_NOTE)
     return {"conversion": "none (folder checked and copied)", "source_format": "kimi-audio",
