@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,3 +70,37 @@ def test_a_second_run_skips_every_stage(kimi_run):
     run, first, second, _ = kimi_run
     assert first.returncode == 0 and second.returncode == 0, second.stderr[-3000:]
     assert second.stderr.count("skipped") >= len(STAGES)
+
+
+def test_a_killed_finetune_resumes(kimi_run, tmp_path):
+    """SIGKILL once the first checkpoint is complete; the same command again resumes from it (no step twice)."""
+    import signal
+
+    run, first, _, _ = kimi_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    root = run.parent.parent
+    out = run / "finetune"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASRFT_")}
+    env |= {"ASRFT_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-m", "jobs.finetune", "--config", str(root / "kimi-tiny.yaml"), "--max-steps", "60",
+            "--save-steps", "3"]
+    shutil.rmtree(out)  # no checkpoint or manifest of the first run may satisfy the watch below
+    proc = subprocess.Popen([*argv, "--force"], env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, ckpt = time.monotonic() + 300, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        if done:
+            ckpt = done[0]
+            break
+        time.sleep(0.05)  # polling interval of the file-system watch, not a synchronisation
+    assert ckpt is not None, proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "_manifest.json").exists()
+    again = subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert state["global_step"] == 60 and steps == sorted(set(steps))
