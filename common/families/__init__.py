@@ -99,6 +99,7 @@ class Built:
     collator: Callable[[list], dict]
     decisions: list[tuple[str, Any, str]] = field(default_factory=list)
     regroup_each_epoch: bool = False  # the train dataset's set_epoch(n) must be called every epoch
+    group_by_length: bool = False  # batch items of similar length (each item's "input_ids" gives its length)
     fast_path_blocker: str | None = None  # why the fast loop cannot train these datasets, if it cannot
 
 

@@ -99,6 +99,10 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Plan, built: B
     }
     if the_plan.world_size > 1:
         extra_args["ddp_backend"] = backend_for(the_plan.device)
+    if built.group_by_length:  # the name changed in transformers 5
+        accepted = inspect.signature(Seq2SeqTrainingArguments).parameters
+        extra_args.update({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in accepted
+                          else {"group_by_length": True})
     if "logging_dir" in inspect.signature(Seq2SeqTrainingArguments).parameters:  # transformers < 5
         extra_args["logging_dir"] = str(ctx.out / TENSORBOARD)
     kwargs = training_arguments_kwargs(the_plan.schedule, ctx.out / CHECKPOINTS, **extra_args)

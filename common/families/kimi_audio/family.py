@@ -376,8 +376,9 @@ def datasets(model_dir: Path, trainee: Any, examples: tuple[list, list], records
     feats = dict(zip([e.id for e in every], whisper_features(model_dir, [audios[e.id] for e in every]), strict=True))
 
     def items(exs: list) -> list[dict[str, Any]]:
-        return [{"sample": asr_sample(codes[e.id], e.transcript_ids, instruction), "features": feats[e.id]}
-                for e in exs]
+        samples = [asr_sample(codes[e.id], e.transcript_ids, instruction) for e in exs]
+        return [{"sample": s, "features": feats[e.id], "input_ids": s.audio_ids}  # input_ids: its length, for
+                for s, e in zip(samples, exs, strict=True)]                     # the length-grouped sampler
 
     def collator(batch: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -395,7 +396,9 @@ def datasets(model_dir: Path, trainee: Any, examples: tuple[list, list], records
         decisions=[("speech_codes_source", "extract cache" if cached else "computed here",
                     "extract cached the GLM-4-Voice codes" if cached else
                     "extract did not cache them (one epoch): computed from the audio"),
-                   ("instruction", _default_instruction(), "the same prompt in training and evaluation")],
+                   ("instruction", _default_instruction(), "the same prompt in training and evaluation"),
+                   ("length_grouping", True, "batches of samples of similar length: little padding, any batch size")],
+        group_by_length=True,
         fast_path_blocker="the fast loop trains Hugging Face encoder-decoder models; Kimi-Audio trains through "
                           "the Trainer",
     )
