@@ -328,6 +328,22 @@ def test_dry_run_prints_one_job_per_step(monkeypatch, capsys):
     assert finetune["metadata"]["annotations"][ANNOTATION_RESOURCES].startswith("resources from plan:")
 
 
+def test_dry_run_of_the_kimi_audio_pipeline_sizes_the_gpu_job_by_its_plan(monkeypatch, capsys):
+    """Before the run has any output the pipeline names its family, so the GPU Job is planned from
+    Kimi-Audio-7B's published shape (LoRA on one 80 GB GPU), not given the defaults."""
+    monkeypatch.setattr(k8s_mod, "connect", _no_cluster)
+    assert main(["--config", str(ROOT / "jobs/run/kimi-audio.yaml"), "--executor", "k8s", "--dry-run"]) == 0
+    jobs = {j["metadata"]["labels"]["asr-ft/stage"]: j for j in yaml.safe_load_all(capsys.readouterr().out) if j}
+    for job in jobs.values():
+        validate(job)
+    finetune = jobs["finetune"]
+    note = finetune["metadata"]["annotations"][ANNOTATION_RESOURCES]
+    assert "Kimi-Audio-7B's published shape" in note and ": lora, plain" in note
+    limits = container(finetune)["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1" and int(limits["memory"].removesuffix("Gi")) > 16  # the plan's, not 16Gi
+    assert container(finetune)["image"].endswith("-cuda")
+
+
 def test_dry_run_with_a_config_namespace_and_steps(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(k8s_mod, "connect", _no_cluster)
     config = tmp_path / "p.yaml"
