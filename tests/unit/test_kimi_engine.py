@@ -269,14 +269,15 @@ def test_export_reloads_offline_with_identical_transcripts(standin, trained, cli
     expected_engine = KimiEngine(front_ends, dtype=torch.float32)  # the donor's front ends …
     expected_engine.model = load_pretrained(trained, dtype=torch.float32).eval()  # … with the trained LLM
     expected = expected_engine.transcribe(clips)
-    expected_engine.max_new_tokens = VERIFY_MAX_NEW_TOKENS  # what the export's own check decodes with
-    verified = expected_engine.transcribe(clips[:1])[0]
+    checker = KimiEngine(front_ends, dtype=torch.bfloat16, max_new_tokens=VERIFY_MAX_NEW_TOKENS)  # the export's
+    checker.model = load_pretrained(trained, dtype=torch.bfloat16).eval()  # check: bf16 weights stay bf16 on a CPU
+    verified = checker.transcribe(clips[:1])[0]
 
     info = export(source, tmp_path / "out", donor, {}, clips[0])
 
     out = tmp_path / "out" / "model"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]  # published whole, nothing left beside
-    assert info["verification"]["kimi"]["text"] == verified
+    assert info["verification"]["kimi"] == {**info["verification"]["kimi"], "text": verified, "dtype": "bfloat16"}
     with network_blocked():
         assert KimiEngine(out, dtype=torch.float32).transcribe(clips) == expected
     assert {w["file"]: w["sha256"] for w in info["model_weights"]} == {

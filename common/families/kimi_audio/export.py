@@ -87,7 +87,8 @@ class ExportPlan:
 
 def export(source: Path, out_dir: Path, donor: Path | None, settings: Mapping[str, Any], clip: Any) -> dict[str, Any]:
     """``out_dir/model``: the trained model as a complete Kimi-Audio folder; with a ``clip``, loaded and decoded
-    once with the network blocked. StageFailed (exit code 2) listing every problem when the parts do not fit."""
+    once with the network blocked. StageFailed (exit code 2) listing every problem when the parts do not fit.
+    ``settings`` (the export stage's) holds nothing this family reads: the weights are copied as they are."""
     from common.core.files import atomic_dir
     from common.core.models import weight_digests
 
@@ -212,22 +213,27 @@ def model_facts(plan: ExportPlan) -> dict[str, Any]:
 
 
 def verify_offline(model_dir: Path, clip: Any) -> dict[str, Any]:
-    """Load ``model_dir`` with the network blocked and transcribe ``clip`` (CUDA when present, else CPU);
-    StageFailed when it does not load or decode."""
+    """Load ``model_dir`` with the network blocked and transcribe ``clip``; StageFailed when it does not load or
+    decode. On CUDA when present (bfloat16), else on the CPU in the dtype the LLM is stored in when that is
+    bfloat16 (the released 10-B model needs 20 GB of RAM so, 40 GB in float32), else float32."""
     import torch
 
     from common.families.kimi_audio.engines import KimiEngine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    stored = {dtype for p in llm_weight_files(model_dir)[0] for dtype, _ in read_header(p)[0].values()}
+    dtype = torch.bfloat16 if device == "cuda" or stored == {"BF16"} else torch.float32
     with network_blocked():
         try:
             t0 = time.perf_counter()
-            engine = KimiEngine(model_dir, device=device, max_new_tokens=VERIFY_MAX_NEW_TOKENS, batch_size=1)
+            engine = KimiEngine(model_dir, device=device, dtype=dtype, max_new_tokens=VERIFY_MAX_NEW_TOKENS,
+                                batch_size=1)
             text = engine.transcribe([clip])[0]
         except Exception as e:  # any failure to load or decode offline is the export's failure
             raise StageFailed(f"export verification failed: {model_dir} does not load/decode offline "
                               f"({type(e).__name__}: {e})") from e
-    return {"kimi": {"text": text, "seconds": round(time.perf_counter() - t0, 3), "device": device}}
+    return {"kimi": {"text": text, "seconds": round(time.perf_counter() - t0, 3), "device": device,
+                     "dtype": str(dtype).removeprefix("torch.")}}
 
 
 @contextlib.contextmanager
