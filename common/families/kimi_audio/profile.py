@@ -34,7 +34,20 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from common.families.kimi_audio.conventions import STACK, KimiAudioConfig
+from common.families.kimi_audio.conventions import (
+    FFN_SIZE,
+    HEAD_DIM,
+    HIDDEN_SIZE,
+    MIMO_LAYERS,
+    NUM_HEADS,
+    NUM_KV_HEADS,
+    NUM_LAYERS,
+    STACK,
+    VOCAB_SIZE,
+    WHISPER_D_MODEL,
+    WHISPER_N_MELS,
+    KimiAudioConfig,
+)
 from common.families.kimi_audio.sample import ANSWER_EXTRA, PROMPT_EXTRA
 from common.families.whisper.conventions import ENCODER_FRAMES, N_FRAMES
 from common.families.whisper.profile import encoder_linears, encoder_params, frontend_bytes
@@ -42,18 +55,18 @@ from common.training.memory import FP32, HALF, MATMUL_INPUT, NORM_SAVED, LinearG
 
 QWEN2_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# Kimi-Audio-7B shape: a Qwen2.5-7B-style LLM (28 layers) with a 6-layer audio branch, vocab 168448,
-# untied output head; Whisper-large-v3 encoder features (50 Hz) stacked 4x to 12.5 Hz and fed to the
-# LLM through a linear adaptor.
-KIMI_HIDDEN = 3584
-KIMI_LAYERS = 28 + 6  # text layers + audio branch  # 34
-KIMI_HEADS = 28
-KIMI_KV_HEADS = 4
-KIMI_HEAD_DIM = KIMI_HIDDEN // KIMI_HEADS  # 128
-KIMI_INTERMEDIATE = 18944
-KIMI_VOCAB = 168448
-WHISPER_LARGE_V3 = {"d_model": 1280, "layers": 32, "heads": 20, "ffn": 5120, "n_mels": 128}
-KIMI_STACK_FRAMES = 4  # 50 Hz encoder frames -> 12.5 Hz LLM tokens
+# The benchmark shape of kimi_audio_profile(): Kimi-Audio-7B's (conventions.py defines each number once), with
+# the 6-layer audio branch counted as trainable layers (what a full fine-tune of every weight would hold).
+KIMI_HIDDEN = HIDDEN_SIZE  # 3584
+KIMI_LAYERS = NUM_LAYERS + MIMO_LAYERS  # text layers + audio branch: 34
+KIMI_HEADS = NUM_HEADS  # 28
+KIMI_KV_HEADS = NUM_KV_HEADS  # 4
+KIMI_HEAD_DIM = HEAD_DIM  # 128
+KIMI_INTERMEDIATE = FFN_SIZE  # 18944
+KIMI_VOCAB = VOCAB_SIZE  # 168448
+WHISPER_LARGE_V3 = {"d_model": WHISPER_D_MODEL, "layers": 32, "heads": 20, "ffn": 4 * WHISPER_D_MODEL,
+                    "n_mels": WHISPER_N_MELS}
+KIMI_STACK_FRAMES = STACK  # 50 Hz encoder frames -> 12.5 Hz LLM tokens
 KIMI_AUDIO_TOKENS = ENCODER_FRAMES // KIMI_STACK_FRAMES  # 375 for 30 s
 KIMI_LLM_SEQ = 512  # 375 audio tokens + prompt + transcript, rounded up
 
