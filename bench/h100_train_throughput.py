@@ -296,7 +296,7 @@ def run_fast(the_plan: Any, name: str, warmup: int, steps: int, profile_steps: i
                           profile_steps=profile_steps, profile_trace=trace if profile_steps else None,
                           progress=False)
     t0 = time.perf_counter()
-    result = train_fast(trainee, RandomClips(N_TRAIN, False), WhisperCollator(EOT), run_plan, "unused",
+    result = train_fast(trainee, RandomClips(N_TRAIN, False), WhisperCollator(EOT), run_plan.schedule, "unused",
                         options=options)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     for key in ("peak_gpu", "peak_gpu_reserved"):

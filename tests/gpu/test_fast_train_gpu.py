@@ -59,13 +59,13 @@ def test_small_whisper_learns_and_its_checkpoint_reloads_as_fp32(tmp_path, preci
     the_plan = plan(profile_from_hf_config(config, decoder_seq_len=17), n_train=N_CLIPS, mode="full", lr=1e-3,
                     per_device_batch=8, resources=detect_resources(), save_steps=STEPS // 2,
                     overrides={"max_steps": STEPS, "load_dtype": "float32", "frozen_dtype": "float32"})
-    applies, why = fast_path_applies(the_plan)
+    applies, why = fast_path_applies(the_plan.schedule)
     assert applies, why
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(config)
     trainee = make_trainee(model, ModeSpec(mode="full"))
     saved = []
-    result = train_fast(trainee, _Clips(), WhisperCollator(config.pad_token_id), the_plan, tmp_path,
+    result = train_fast(trainee, _Clips(), WhisperCollator(config.pad_token_id), the_plan.schedule, tmp_path,
                         on_checkpoint=saved.append,
                         options=FastOptions(precision=precision, compile=compile_layers, progress=False))
     line = {k: result[k] for k in ("precision", "attention", "compiled_layers", "first_logged_loss",
