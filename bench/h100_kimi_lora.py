@@ -1077,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="timed optimizer steps per case [8; --tiny: 2]")
     ap.add_argument("--n-clips", type=int, help="clips in the data set the plan is made for [1000; --tiny: 200]")
     ap.add_argument("--profile", action="store_true", help="torch.profiler top operators over extra steps of the "
-                                                           "first variant's planner-batch llm_only case")
+                                                           "planner-batch llm_only case of each variant")
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--skip-stage-features", action="store_true",
                     help="skip timing the stage's CPU fp32 feature pre-pass on one clip")
