@@ -363,9 +363,26 @@ def whisper_features(model_dir: Path, audios: Sequence[Any]) -> list[Any]:
         return [encode_clip(encoder, fe, a).to(getattr(torch, FEATURE_DTYPE)) for a in audios]
 
 
+def collator(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training batch of items ``{"sample": KimiSample, "features": (n, 5120) tensor}``: both streams, masks
+    and labels padded on the right (sample.collate), each row's features in ``whisper_features`` (B, max n,
+    5120), fp32, zeros after the row's own frames."""
+    import torch
+
+    from common.families.kimi_audio.sample import collate
+
+    out = collate([b["sample"] for b in batch], side="right")
+    width = max(b["features"].shape[0] for b in batch)
+    padded = torch.zeros(len(batch), width, batch[0]["features"].shape[1])
+    for row, b in enumerate(batch):
+        padded[row, : b["features"].shape[0]] = b["features"].float()
+    out["whisper_features"] = padded
+    return out
+
+
 def datasets(model_dir: Path, trainee: Any, examples: tuple[list, list], records: Mapping[str, dict],
              dirs: Mapping[str, Path | None], plan: Plan, settings: Mapping[str, Any]) -> Built:
-    from common.families.kimi_audio.sample import asr_sample, collate
+    from common.families.kimi_audio.sample import asr_sample
 
     instruction = _instruction(model_dir)
     every = [*examples[0], *examples[1]]
@@ -379,17 +396,6 @@ def datasets(model_dir: Path, trainee: Any, examples: tuple[list, list], records
         samples = [asr_sample(codes[e.id], e.transcript_ids, instruction) for e in exs]
         return [{"sample": s, "features": feats[e.id], "input_ids": s.audio_ids}  # input_ids: its length, for
                 for s, e in zip(samples, exs, strict=True)]                     # the length-grouped sampler
-
-    def collator(batch: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        out = collate([b["sample"] for b in batch], side="right")
-        width = max(b["features"].shape[0] for b in batch)
-        padded = torch.zeros(len(batch), width, batch[0]["features"].shape[1])
-        for row, b in enumerate(batch):
-            padded[row, : b["features"].shape[0]] = b["features"].float()
-        out["whisper_features"] = padded
-        return out
 
     return Built(
         train=items(examples[0]), eval=items(examples[1]) or None, collator=collator,
