@@ -394,3 +394,17 @@ def test_encode_clip_runs_a_whisper_encoder_per_30s_chunk():
         second = encode_clip(encoder, extractor, audio[480_000:])
     assert whole.shape == (377, 32) and first.shape == (375, 32) and second.shape == (2, 32)
     torch.testing.assert_close(whole, torch.cat([first, second]), rtol=0, atol=1e-5)
+
+
+def test_bf16_weights_under_autocast_mix_speech_features():
+    """The adaptor's LayerNorm runs in fp32 under autocast; the mixed speech embeddings go back to the
+    embeddings' dtype (a bf16 LoRA base on a GPU trains this way)."""
+    model = KimiAudioLM(TINY).to(torch.bfloat16)
+    ids = torch.full((1, 6), 5)
+    ids[0, 2:4] = TINY.kimia_token_offset + 1
+    mask = torch.zeros(1, 6, dtype=torch.bool)
+    mask[0, 2:4] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, ids, speech_mask=mask, whisper_features=torch.randn(1, 2, TINY.kimia_adaptor_input_dim),
+                    attention_mask=torch.ones(1, 6, dtype=torch.long))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()

@@ -216,7 +216,7 @@ class KimiAudioLM(nn.Module):
         # row b: a per-row scatter with no shared buffer.
         mixed = (embeds[speech_mask] + adapted) * sqrt2
         embeds = embeds.clone()
-        embeds[speech_mask] = mixed
+        embeds[speech_mask] = mixed.to(embeds.dtype)  # under autocast the adaptor's LayerNorm returns fp32
         return embeds
 
     # --- the trunk -----------------------------------------------------------------------------------------
