@@ -3,7 +3,7 @@ collator, Trainer, checkpoint. Random weights of the real shapes; prints JSON an
 the plans beside it (``<out stem>.plan.json``).
 
     python bench/h100_kimi_lora.py [--out bench/results/h100-kimi-lora.json]
-        [--variants frozen-bf16,stage-frozen-fp32] [--warmup-steps 3] [--steps 8] [--n-clips 1000]
+        [--variants frozen-bf16,frozen-fp32] [--warmup-steps 3] [--steps 8] [--n-clips 1000]
         [--profile] [--seed 0]
     python bench/h100_kimi_lora.py --tiny   # CPU smoke test of every path: /tmp/h100-kimi-lora.tiny.json
 
@@ -26,10 +26,9 @@ What runs, and whose code it is:
   stage caches them.
 - Plan: ``jobs.finetune.plan.make_plan`` with FinetuneSettings, the family and those data facts on this GPU
   (expected: LoRA r=16 on the trunk's 28 x 7 projections, plain PyTorch, bf16). Two variants (--variants):
-  ``stage-frozen-fp32``: the settings as the stage has them, which force ``load_dtype`` / ``frozen_dtype`` to
-  float32 (jobs/finetune/plan.py FP32_WEIGHTS; family.trainee() loads the LLM in fp32 whatever the plan says),
-  so the frozen base is fp32 (~39 GB); ``frozen-bf16``: the same settings with ``overrides`` load_dtype /
-  frozen_dtype = bfloat16, the planner's own choice for LoRA (~19.5 GB base). Each variant runs at the planner's batch and
+  ``frozen-bf16``: the settings as the stage has them (the family lets the planner pick the frozen base's dtype:
+  bf16 for LoRA on a GPU, ~19.5 GB); ``frozen-fp32``: the same settings with ``overrides`` load_dtype /
+  frozen_dtype = float32 (~39 GB base). Each variant runs at the planner's batch and
   at batch 1 (upstream's only option; ``--batch 1`` to the stage, the planner's accumulation).
 - Model: ``KimiAudioLM`` built on ``meta`` (``build_on_meta``), then every tensor drawn directly on the GPU in
   the plan's frozen dtype (norms 1, biases 0, embeddings N(0, 1), matrices N(0, 1/fan_in), as the stand-in
@@ -85,14 +84,13 @@ DEFAULT_OUT = RESULTS / "h100-kimi-lora.json"
 TINY_OUT = Path(tempfile.gettempdir()) / "h100-kimi-lora.tiny.json"
 VARIANTS = {
     # name: (FinetuneSettings overrides, what it is)
-    "frozen-bf16": ({"load_dtype": "bfloat16", "frozen_dtype": "bfloat16"},
-                    "the stage's settings + overrides load_dtype/frozen_dtype = bfloat16 (the planner's own choice "
-                    "for LoRA): frozen base in bf16, LoRA adapters in fp32"),
-    "stage-frozen-fp32": ({}, "the stage's settings as they are: jobs/finetune/plan.py forces load_dtype/"
-                              "frozen_dtype = float32 (FP32_WEIGHTS) and family.trainee() loads the LLM in fp32: "
-                              "frozen base in fp32"),
+    "frozen-bf16": ({}, "the stage's settings as they are: the kimi-audio family lets the planner choose the frozen "
+                        "base's dtype (bf16 for LoRA on a GPU; family.trainee() loads the plan's load_dtype), LoRA "
+                        "adapters in fp32"),
+    "frozen-fp32": ({"load_dtype": "float32", "frozen_dtype": "float32"},
+                    "the stage's settings + overrides load_dtype/frozen_dtype = float32: frozen base in fp32"),
 }
-DEFAULT_VARIANTS = ("frozen-bf16", "stage-frozen-fp32")
+DEFAULT_VARIANTS = ("frozen-bf16", "frozen-fp32")
 CLIP_SECONDS = (10.0, 20.0)
 TRANSCRIPT_CHARS = (20, 60)
 # Common Chinese characters (the head of a character-frequency list): transcripts drawn from them tokenize like
@@ -1060,10 +1058,8 @@ def notes(report: dict[str, Any], tiny: bool) -> list[str]:
         out.append(f"the stage's feature pre-pass (encoder fp32 on the CPU, {fp['torch_threads']} threads) takes "
                    f"{fp['seconds_per_clip']} s per clip before training starts")
     out += [
-        "the stage plans LoRA with load_dtype/frozen_dtype forced to float32 (jobs/finetune/plan.py FP32_WEIGHTS) and "
-        "family.trainee() loads the LLM in fp32 whatever the plan says: variant 'stage-frozen-fp32' measures that; "
-        "'frozen-bf16' the planner's own bf16 choice (the family would need to honour plan.frozen_dtype to train "
-        "that way)",
+        "variant 'frozen-bf16' is what the stage trains (the planner's bf16 base for LoRA); 'frozen-fp32' forces an "
+        "fp32 base through overrides",
         "the stage's Trainer samples batches at random (no length grouping): see data.padding_fraction_of_all_clips",
     ]
     return out

@@ -87,6 +87,9 @@ class Planning:
 
     profile: Any  # common.training.memory.ModelProfile with this data's sequence lengths
     n_samples: int  # what one epoch iterates over (clips, or packed windows)
+    # Load and keep frozen weights in fp32 (whisper: final/ merges LoRA into exact fp32 base weights); False:
+    # the planner's own choice (a bf16 frozen base for LoRA on a GPU: half the memory).
+    fp32_weights: bool = True
     decisions: list[tuple[str, Any, str]] = field(default_factory=list)  # (name, value, reason) for the log
 
 

@@ -14,8 +14,8 @@ Inputs of a plan, and only these (no weights are loaded to plan: a 10 B model's 
 
 ``plan_request`` maps the settings onto ``common.training.planner.plan``'s requests and overrides; a setting
 whose name differs from the planner's (``batch`` → ``per_device_batch``, ``num_workers`` →
-``dataloader_num_workers``) is translated here and nowhere else. Weights load in fp32 for every plan (the
-master weights; LoRA merges into exact fp32 base weights for final/).
+``dataloader_num_workers``) is translated here and nowhere else. Weights load in fp32 when the family asks
+(whisper: LoRA merges into exact fp32 base weights for final/); otherwise the planner picks their dtype.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ class PlanRequest(BaseModel):
     overrides: dict[str, Any] = {}
 
 
-def plan_request(s: Any) -> PlanRequest:
-    """The planner's request from finetune settings (the stage's settings object)."""
+def plan_request(s: Any, fp32_weights: bool = True) -> PlanRequest:
+    """The planner's request from finetune settings (the stage's settings object); ``fp32_weights``: the
+    family keeps frozen weights in fp32 (else the planner chooses their dtype)."""
     forced = dict(s.overrides)
     if s.max_steps is not None:
         forced.setdefault("max_steps", s.max_steps)
@@ -69,7 +70,7 @@ def plan_request(s: Any) -> PlanRequest:
         forced.setdefault("eval_holdout", s.eval_holdout)
     if s.lora_parts is not None:
         forced.setdefault("lora", {"parts": list(s.lora_parts)})
-    for key, value in FP32_WEIGHTS.items():
+    for key, value in FP32_WEIGHTS.items() if fp32_weights else ():
         forced.setdefault(key, value)
     if s.device == "cuda":
         forced.setdefault("device", "cuda")
@@ -96,7 +97,7 @@ def make_plan(s: Any, family: ModelFamily, config: Mapping[str, Any], facts: Map
                           "extract/train.jsonl", exit_code=2)
     try:
         planning = family.planning(config, facts, s.model_dump())
-        request = plan_request(s)
+        request = plan_request(s, planning.fp32_weights)
         the_plan = plan(planning.profile, n_train=planning.n_samples, resources=resources,
                         **request.model_dump())
     except (PlanError, FamilyError) as e:

@@ -4,6 +4,7 @@ only, training leaves every frozen tensor byte-identical, the loss reads the tra
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -107,3 +108,23 @@ def test_pretrained_lists_every_problem_of_a_folder_at_once(standin, tmp_path):
     message = str(err.value)
     assert "whisper-large-v3" in message and "speech tokenizer" in message and "--speech-tokenizer" in message
     assert err.value.exit_code == 2 and not (tmp_path / "dest").exists()  # nothing copied
+
+
+@pytest.mark.parametrize(("gpus", "dtype"), [(1, "bfloat16"), (0, "float32")])
+def test_lora_base_dtype_is_the_planners(standin, gpus, dtype):
+    """Kimi-Audio keeps no fp32 copy of its frozen base on a GPU (final/ is saved in the checkpoint's dtype): the
+    planner's bf16 choice stands there, and the trainee loads it so, with fp32 adapters; fp32 on a CPU."""
+    from common.training.planner import detect_resources
+    from jobs.finetune import FinetuneSettings
+    from jobs.finetune.plan import make_plan
+
+    config = json.loads((standin / "config.json").read_text())
+    facts = {"clips": 200, "longest_seconds": 15.0, "longest_labels": 40, "longest_sequence": 260, "rejected": []}
+    node = detect_resources(gpus=gpus, gpu_mem_bytes=80 * 10**9 if gpus else 0, host_ram_bytes=125 * 10**9,
+                            cpu_count=16, gpu_name="", bf16_supported=gpus > 0)
+    plan, _ = make_plan(FinetuneSettings(mode="lora"), family, config, facts, node)
+    assert (plan.load_dtype, plan.frozen_dtype) == (dtype, dtype)
+    trainee = family.trainee(standin, SimpleNamespace(mode="lora", lora=plan.lora, load_dtype=plan.load_dtype), {})
+    frozen = {p.dtype for p in trainee.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in trainee.parameters() if p.requires_grad}
+    assert frozen == {getattr(torch, dtype)} and trained == {torch.float32}

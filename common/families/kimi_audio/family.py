@@ -276,6 +276,7 @@ def planning(config: Mapping[str, Any], facts: Mapping[str, Any], settings: Mapp
     kimi = KimiAudioConfig.from_dict(dict(config))
     seq = int(facts["longest_sequence"])
     return Planning(profile=profile_from_config(kimi, llm_seq_len=seq), n_samples=int(facts["clips"]),
+                    fp32_weights=False,  # final/ is saved in the checkpoint's dtype: a bf16 LoRA base loses nothing
                     decisions=[("llm_sequence", seq, "the longest sample: instruction + speech codes + transcript "
                                                      "+ 8 fixed positions"),
                                ("whisper_encoder", "frozen", "its features are computed once per clip before "
@@ -329,8 +330,9 @@ def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
 
     from common.families.kimi_audio.model import load_pretrained
 
-    model = load_pretrained(model_dir, dtype=torch.float32)
-    spec: dict[str, Any] = {"mode": plan.mode}
+    dtype = getattr(torch, getattr(plan, "load_dtype", None) or "float32")  # the plan's (bf16 base for LoRA on GPUs)
+    model = load_pretrained(model_dir, dtype=dtype)
+    spec: dict[str, Any] = {"mode": plan.mode, "dtype": str(dtype).removeprefix("torch.")}
     if plan.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
