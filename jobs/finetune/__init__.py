@@ -87,28 +87,29 @@ class FinetuneSettings(StageSettings):
     lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha [default: 2 x r]")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     lora_targets: list[str] | None = Field(
-        None, description="linear layers that get LoRA [default: q_proj k_proj v_proj out_proj fc1 fc2]",
+        None, description="linear layers that get LoRA [default: the family's — whisper: q_proj k_proj v_proj out_proj fc1 "
+        "fc2; kimi-audio: the LLM layers' q/k/v/o/gate/up/down_proj]",
         examples=[["q_proj", "v_proj"]],
     )
     lora_parts: list[Literal["encoder", "decoder"]] | None = Field(
-        None, description="where LoRA goes [default: encoder and decoder]", examples=[["decoder"]],
+        None, description="whisper: where LoRA goes [default: encoder and decoder]", examples=[["decoder"]],
     )
     frozen_encoder_layers: int = Field(
-        0, ge=0, description="bottom encoder layers (+ conv front-end) kept frozen; their output is computed "
+        0, ge=0, description="whisper: bottom encoder layers (+ conv front-end) kept frozen; their output is computed "
         "once per clip, so epochs run only the layers above (faster on CPU)", examples=[0, 3],
     )
     context_seconds: float = Field(
-        30.0, ge=1, le=30, description="train on the first N seconds of Whisper's 30-s window (never shorter than "
+        30.0, ge=1, le=30, description="whisper: train on the first N seconds of Whisper's 30-s window (never shorter than "
         "the longest clip + 1 s); < 30 makes each step several times cheaper; decoding always uses 30 s",
         examples=[30, 8],
     )
     pack_clips: int = Field(
-        1, ge=1, le=16, description="join up to N clips (regrouped every epoch, 0.3 s of silence between, "
+        1, ge=1, le=16, description="whisper: join up to N clips (regrouped every epoch, 0.3 s of silence between, "
         "transcripts joined) into one 30-s window: N x fewer encoder passes for short clips", examples=[1, 4],
     )
     pack_gap_seconds: float = Field(0.3, ge=0, le=2, description="silence between packed clips, seconds")
     encoder_cache: Literal["auto", "memory", "never"] = Field(
-        "auto", description="keep the frozen encoder bottom's output per clip in RAM: auto = when epochs reuse it "
+        "auto", description="whisper: keep the frozen encoder bottom's output per clip in RAM: auto = when epochs reuse it "
         "and it fits half the free RAM",
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the token cross-entropy")
@@ -117,11 +118,11 @@ class FinetuneSettings(StageSettings):
         "trained; lower keeps more of the pretrained model's general skill)", examples=[1.0, 0.8],
     )
     merge_alpha_encoder: float | None = Field(
-        None, ge=0, le=1, description="merge factor of the encoder's weights [default: merge_alpha]; the encoder "
+        None, ge=0, le=1, description="whisper: merge factor of the encoder's weights [default: merge_alpha]; the encoder "
         "holds the acoustic skill", examples=[0.7],
     )
     merge_alpha_decoder: float | None = Field(
-        None, ge=0, le=1, description="merge factor of the decoder's weights [default: merge_alpha]; the decoder "
+        None, ge=0, le=1, description="whisper: merge factor of the decoder's weights [default: merge_alpha]; the decoder "
         "holds the language model (lower: less drift toward the training sentences)", examples=[0.5],
     )
     eval_holdout: int | None = Field(None, ge=0, description="training clips held out for eval loss [default: "

@@ -128,3 +128,17 @@ def test_lora_base_dtype_is_the_planners(standin, gpus, dtype):
     frozen = {p.dtype for p in trainee.parameters() if not p.requires_grad}
     trained = {p.dtype for p in trainee.parameters() if p.requires_grad}
     assert frozen == {getattr(torch, dtype)} and trained == {torch.float32}
+
+
+@pytest.mark.parametrize(("targets", "per_layer"), [(("q_proj", "v_proj"), 2), (family.LORA_TARGETS, 7)])
+def test_lora_follows_the_planned_targets(standin, targets, per_layer):
+    plan = SimpleNamespace(mode="lora", lora=LoraSpec(r=4, alpha=8, targets=targets))
+    trainee = family.trainee(standin, plan, {})
+    wrapped = [n for n, _ in trainee.owner.named_modules() if n.endswith(".lora_A")]
+    assert len(wrapped) == trainee.model.config.num_hidden_layers * per_layer
+
+
+def test_lora_targets_naming_no_trunk_projection_are_refused(standin):
+    plan = SimpleNamespace(mode="lora", lora=LoraSpec(r=4, alpha=8, targets=("fc1",)))
+    with pytest.raises(StageFailed, match="name no projection"):
+        family.trainee(standin, plan, {})

@@ -318,11 +318,16 @@ class _Trainee:
         return KimiTrainee()
 
 
-def lora_target_names(model) -> list[str]:
-    """The LLM trunk's projections (model.layers.{i}.self_attn.{q,k,v,o}_proj, .mlp.{gate,up,down}_proj):
-    never the audio branch's same-named layers, never the Whisper encoder (not part of the LLM)."""
-    return [n for n, _ in model.named_modules()
-            if n.startswith("model.layers.") and n.rsplit(".", 1)[-1] in LORA_TARGETS]
+def lora_target_names(model, targets: Sequence[str] = LORA_TARGETS) -> list[str]:
+    """The LLM trunk's projections named in ``targets`` (default all seven: model.layers.{i}.self_attn.{q,k,v,o}_proj,
+    .mlp.{gate,up,down}_proj): never the audio branch's same-named layers, never the Whisper encoder (not part of
+    the LLM). StageFailed when ``targets`` names none of them."""
+    names = [n for n, _ in model.named_modules()
+             if n.startswith("model.layers.") and n.rsplit(".", 1)[-1] in set(targets)]
+    if not names:
+        raise StageFailed(f"LoRA targets {list(targets)} name no projection of the LLM's layers; choose from "
+                          f"{list(LORA_TARGETS)} (--lora-targets)", exit_code=2)
+    return names
 
 
 def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
@@ -337,7 +342,7 @@ def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
         from peft import LoraConfig, get_peft_model
 
         lora = plan.lora
-        targets = lora_target_names(model)
+        targets = lora_target_names(model, [t.split(".")[-1] for t in (lora.targets or LORA_TARGETS)])
         spec.update(r=lora.r, alpha=lora.alpha, modules=len(targets))
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=float(settings.get("lora_dropout", 0.05)),
                             target_modules=targets, bias="none")
