@@ -28,7 +28,7 @@ from common.core.files import atomic_dir
 from common.core.settings import S3Settings
 from common.core.stage import StageFailed, cache_dir
 from common.core.store import sha256_file
-from common.families import bundled_family, get_family
+from common.families import bundled_family, family_names, get_family
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ REF_FORMS = "bundled:NAME, hf://org/name[@revision], s3://bucket/prefix, or a lo
 
 
 def bundled_models() -> list[str]:
-    from common.families import family_names
-
     return sorted(m for f in family_names() for m in get_family(f).bundled)
 
 

@@ -186,7 +186,7 @@ def get_family(name: str) -> ModelFamily:
     """The family called ``name``; FamilyError listing the known ones otherwise."""
     if name in _loaded:
         return _loaded[name]
-    targets = {**{k: v for k, v in _entry_points().items()}, **_env_targets(), **BUILT_IN}
+    targets = {**_entry_points(), **_env_targets(), **BUILT_IN}
     if name not in targets:
         raise FamilyError(f"unknown model family {name!r}; known: {', '.join(family_names())}")
     target = targets[name]

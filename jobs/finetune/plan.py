@@ -121,13 +121,11 @@ def training_pod(settings: Any, family: ModelFamily, config: Mapping[str, Any], 
                  node: Any) -> tuple[Any, dict[str, Any]]:
     """(PodResources, the chosen setup) of the plan the pod will make: the same ``make_plan`` on the node the
     executor describes. ``node``: common.training.planner.Resources of one training node."""
-    import logging as _logging
-
     from common.training import planner
 
-    planner_log = _logging.getLogger(planner.__name__)
+    planner_log = logging.getLogger(planner.__name__)
     level = planner_log.level
-    planner_log.setLevel(_logging.WARNING)  # its full table is for plan.json; the executor logs one line
+    planner_log.setLevel(logging.WARNING)  # its full table is for plan.json; the executor logs one line
     try:
         the_plan, planning = make_plan(settings, family, config, facts, node)
     finally:

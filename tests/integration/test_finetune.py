@@ -212,6 +212,18 @@ def test_packed_windows(run_dirs):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+def first_checkpoint(proc: subprocess.Popen, folder: Path, seconds: float) -> Path | None:
+    """The first checkpoint under ``folder`` with its trainer_state.json written, while ``proc`` still runs
+    (None if it ends or ``seconds`` pass first)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        if done:
+            return done[0]
+        time.sleep(0.05)  # polling interval of the file-system watch, not a synchronisation
+    return None
+
+
 def test_resume_after_kill(run_dirs, capsys):
     from jobs.extract.__main__ import main as extract_main
 
@@ -225,14 +237,7 @@ def test_resume_after_kill(run_dirs, capsys):
     cmd = [sys.executable, "-m", "jobs.finetune", *argv, "--force"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + KILL_DEADLINE_S
-    first = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-        if done:
-            first = done[0]
-            break
-        time.sleep(0.05)  # polling interval of the file-system watch, not a synchronisation
+    first = first_checkpoint(proc, out / "checkpoints", KILL_DEADLINE_S)
     assert first is not None, f"no checkpoint within {KILL_DEADLINE_S} s: {proc.stderr.read().decode()[-3000:] if proc.poll() is not None else 'still running'}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

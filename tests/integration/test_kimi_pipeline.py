@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_finetune import first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("prepare", "pretrained", "extract", "finetune", "export", "evaluate")
@@ -87,13 +88,7 @@ def test_a_killed_finetune_resumes(kimi_run, tmp_path):
             "--save-steps", "3"]
     shutil.rmtree(out)  # no checkpoint or manifest of the first run may satisfy the watch below
     proc = subprocess.Popen([*argv, "--force"], env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline, ckpt = time.monotonic() + 300, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [p for p in (out / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-        if done:
-            ckpt = done[0]
-            break
-        time.sleep(0.05)  # polling interval of the file-system watch, not a synchronisation
+    ckpt = first_checkpoint(proc, out / "checkpoints", 300)
     assert ckpt is not None, proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -149,11 +150,15 @@ def _audio(rec: dict, run_dir: Path):
     return load_audio(audio_location(rec, run_dir))[0]
 
 
-def speech_codes(model_dir: Path, audios: Sequence[Any], batch: int = 8) -> list[list[int]]:
-    """GLM-4-Voice codes of 16 kHz clips with the model folder's speech tokenizer (batched)."""
+def speech_tokenizer(model_dir: Path):
+    """The model folder's GLM-4-Voice speech tokenizer."""
     from common.families.kimi_audio.glm_tokenizer import GlmSpeechTokenizer
 
-    tokenizer = GlmSpeechTokenizer.from_folder(Path(model_dir) / SPEECH_TOKENIZER)
+    return GlmSpeechTokenizer.from_folder(Path(model_dir) / SPEECH_TOKENIZER)
+
+
+def speech_codes(tokenizer: Any, audios: Sequence[Any], batch: int = 8) -> list[list[int]]:
+    """GLM-4-Voice codes of 16 kHz clips (batched)."""
     out: list[list[int]] = []
     for start in range(0, len(audios), batch):
         out += tokenizer.encode(list(audios[start:start + batch]))
@@ -172,10 +177,11 @@ def front_end(model_dir: Path) -> FrontEnd:
     def write(records, run_dir, out_dir, split, rows):
         from tqdm import tqdm
 
+        tokenizer = speech_tokenizer(model_dir)
         out = []
         for start in tqdm(range(0, len(records), rows), desc=f"GLM-4-Voice codes {split}", unit="shard"):
             chunk = records[start:start + rows]
-            codes = speech_codes(model_dir, [_audio(r, run_dir) for r in chunk])
+            codes = speech_codes(tokenizer, [_audio(r, run_dir) for r in chunk])
             out += [{**r, CODES_KEY: c} for r, c in zip(chunk, codes, strict=True)]
         return out
 
@@ -195,10 +201,7 @@ class KimiExample:
     id: str
     transcript_ids: tuple[int, ...]
     n_codes: int
-
-    @property
-    def labels(self) -> tuple[int, ...]:  # the scored tokens: transcript + end of transcript
-        return (*self.transcript_ids, 0)
+    length: int  # positions of its training sample (instruction + codes + transcript + 8)
 
 
 def _instruction(model_dir: Path) -> list[int]:
@@ -212,12 +215,12 @@ def training_data(model_dir: Path, records: Sequence[dict]) -> tuple[list, list[
     from common.core.audio import SAMPLE_RATE
     from common.core.records import transcript
     from common.families.kimi_audio.conventions import KimiAudioConfig, stacked_frames
-    from common.families.kimi_audio.sample import sample_length
+    from common.families.kimi_audio.sample import DEFAULT_INSTRUCTION, sample_length
     from common.families.kimi_audio.tokenizer import load_text_tokenizer
 
     tokenizer = load_text_tokenizer(model_dir)
     limit = KimiAudioConfig.from_json(Path(model_dir) / "config.json").max_position_embeddings
-    n_instruction = len(tokenizer.encode(_default_instruction()))
+    n_instruction = len(tokenizer.encode(DEFAULT_INSTRUCTION))
     examples, rejected = [], []
     for rec in records:
         ids = tuple(tokenizer.encode(transcript(rec)))
@@ -227,28 +230,18 @@ def training_data(model_dir: Path, records: Sequence[dict]) -> tuple[list, list[
         if length > limit:
             rejected.append({"id": rec["id"], "reason": f"the sample has {length} positions; the model holds {limit}"})
             continue
-        examples.append(KimiExample(rec["id"], ids, n))
+        examples.append(KimiExample(rec["id"], ids, n, length))
     return examples, rejected
 
 
-def _default_instruction() -> str:
-    from common.families.kimi_audio.sample import DEFAULT_INSTRUCTION
-
-    return DEFAULT_INSTRUCTION
-
-
 def data_facts(model_dir: Path, records: Sequence[dict]) -> dict[str, Any]:
-    from common.families.kimi_audio.sample import sample_length
-
     examples, rejected = training_data(model_dir, records)
-    n_instruction = len(_instruction(model_dir))
     by_id = {r["id"]: r for r in records}
     return {
         "clips": len(examples),
         "longest_seconds": max((float(by_id[e.id].get("duration") or 30.0) for e in examples), default=0.0),
-        "longest_labels": max((len(e.labels) for e in examples), default=0),
-        "longest_sequence": max((sample_length(n_instruction, e.n_codes, len(e.transcript_ids)) for e in examples),
-                                default=0),
+        "longest_labels": max((len(e.transcript_ids) + 1 for e in examples), default=0),  # + end of transcript
+        "longest_sequence": max((e.length for e in examples), default=0),
         "rejected": rejected,
     }
 
@@ -283,47 +276,49 @@ def planning(config: Mapping[str, Any], facts: Mapping[str, Any], settings: Mapp
                                                              "training; the GLM-4-Voice tokenizer ran in extract")])
 
 
-class _Trainee:
-    """Factory of the module the training loops train: the LLM (LoRA-wrapped or not) and a loss."""
+def _trainee_module(model, owner, spec: dict[str, Any]):
+    """The module the training loops train: the LLM (LoRA-wrapped or not) and its loss."""
+    import torch
 
-    @staticmethod
-    def build(model, owner, spec: dict[str, Any]):
-        import torch
+    class KimiTrainee(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.owner = owner  # holds the trainable weights: the peft model, or the LLM itself
+            self._llm = [model]
+            self.spec = spec
 
-        class KimiTrainee(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.owner = owner  # holds the trainable weights: the peft model, or the LLM itself
-                self._llm = [model]
-                self.spec = spec
+        @property
+        def model(self):
+            return self._llm[0]
 
-            @property
-            def model(self):
-                return self._llm[0]
+        @property
+        def checkpoint_meta(self) -> dict[str, Any]:
+            return {"spec": self.spec}
 
-            @property
-            def checkpoint_meta(self) -> dict[str, Any]:
-                return {"spec": self.spec}
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.model.gradient_checkpointing = True
 
-            def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-                self.model.gradient_checkpointing = True
+        def forward(self, audio_ids, text_ids, speech_mask, whisper_features, attention_mask, position_ids,
+                    labels=None):
+            out = self.owner(audio_ids=audio_ids, text_ids=text_ids, speech_mask=speech_mask,
+                             whisper_features=whisper_features, attention_mask=attention_mask,
+                             position_ids=position_ids, labels=labels, return_logits=labels is None)
+            return {"loss": out.loss, "logits": out.logits}
 
-            def forward(self, audio_ids, text_ids, speech_mask, whisper_features, attention_mask, position_ids,
-                        labels=None):
-                out = self.owner(audio_ids=audio_ids, text_ids=text_ids, speech_mask=speech_mask,
-                                 whisper_features=whisper_features, attention_mask=attention_mask,
-                                 position_ids=position_ids, labels=labels, return_logits=labels is None)
-                return {"loss": out.loss, "logits": out.logits}
-
-        return KimiTrainee()
+    return KimiTrainee()
 
 
 def lora_target_names(model, targets: Sequence[str] = LORA_TARGETS) -> list[str]:
     """The LLM trunk's projections named in ``targets`` (default all seven: model.layers.{i}.self_attn.{q,k,v,o}_proj,
     .mlp.{gate,up,down}_proj): never the audio branch's same-named layers, never the Whisper encoder (not part of
     the LLM). StageFailed when ``targets`` names none of them."""
-    names = [n for n, _ in model.named_modules()
-             if n.startswith("model.layers.") and n.rsplit(".", 1)[-1] in set(targets)]
+    from common.families.kimi_audio.profile import lora_target_regex
+
+    try:
+        pattern = re.compile(lora_target_regex(tuple(targets)))
+    except ValueError:
+        pattern = None
+    names = [n for n, _ in model.named_modules() if pattern is not None and pattern.fullmatch(n)]
     if not names:
         raise StageFailed(f"LoRA targets {list(targets)} name no projection of the LLM's layers; choose from "
                           f"{list(LORA_TARGETS)} (--lora-targets)", exit_code=2)
@@ -354,7 +349,7 @@ def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
     trainable = sum(p.numel() for p in owner.parameters() if p.requires_grad)
     log.info("kimi-audio trainee: mode %s, %d trainable parameters%s", plan.mode, trainable,
              f", LoRA on {spec.get('modules')} trunk projections" if plan.mode == "lora" else "")
-    return _Trainee.build(model, owner, spec)
+    return _trainee_module(model, owner, spec)
 
 
 def whisper_features(model_dir: Path, audios: Sequence[Any]) -> list[Any]:
@@ -389,14 +384,15 @@ def collator(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 def datasets(model_dir: Path, trainee: Any, examples: tuple[list, list], records: Mapping[str, dict],
              dirs: Mapping[str, Path | None], plan: Plan, settings: Mapping[str, Any]) -> Built:
-    from common.families.kimi_audio.sample import asr_sample
+    from common.families.kimi_audio.sample import DEFAULT_INSTRUCTION, asr_sample
 
     instruction = _instruction(model_dir)
     every = [*examples[0], *examples[1]]
     audios = {e.id: _audio(records[e.id], dirs["run"]) for e in every}
     cached = all(CODES_KEY in records[e.id] for e in every)
     codes = {e.id: records[e.id][CODES_KEY] for e in every} if cached else dict(
-        zip([e.id for e in every], speech_codes(model_dir, [audios[e.id] for e in every]), strict=True))
+        zip([e.id for e in every], speech_codes(speech_tokenizer(model_dir), [audios[e.id] for e in every]),
+            strict=True))
     feats = dict(zip([e.id for e in every], whisper_features(model_dir, [audios[e.id] for e in every]), strict=True))
 
     def items(exs: list) -> list[dict[str, Any]]:
@@ -409,7 +405,7 @@ def datasets(model_dir: Path, trainee: Any, examples: tuple[list, list], records
         decisions=[("speech_codes_source", "extract cache" if cached else "computed here",
                     "extract cached the GLM-4-Voice codes" if cached else
                     "extract did not cache them (one epoch): computed from the audio"),
-                   ("instruction", _default_instruction(), "the same prompt in training and evaluation"),
+                   ("instruction", DEFAULT_INSTRUCTION, "the same prompt in training and evaluation"),
                    ("length_grouping", True, "batches of samples of similar length: little padding, any batch size")],
         group_by_length=True,
         fast_path_blocker="the fast loop trains Hugging Face encoder-decoder models; Kimi-Audio trains through "

@@ -48,7 +48,7 @@ from common.families.kimi_audio.conventions import (
     WHISPER_N_MELS,
     KimiAudioConfig,
 )
-from common.families.kimi_audio.sample import ANSWER_EXTRA, PROMPT_EXTRA
+from common.families.kimi_audio.sample import ANSWER_EXTRA, PROMPT_EXTRA, sample_length
 from common.families.whisper.conventions import ENCODER_FRAMES, N_FRAMES
 from common.families.whisper.profile import encoder_linears, encoder_params, frontend_bytes
 from common.training.memory import FP32, HALF, MATMUL_INPUT, NORM_SAVED, LinearGroup, ModelProfile, Stack
@@ -176,7 +176,7 @@ def profile_from_config(
 def sequence_length(n_codes: int, n_transcript_ids: int, n_instruction_ids: int) -> int:
     """LLM positions of one ASR training sample (common.families.kimi_audio.sample's layout): instruction +
     codes + transcript + 8 fixed positions. ``n_codes`` = stacked_frames(samples) of the clip."""
-    return n_instruction_ids + n_codes + n_transcript_ids + FIXED_POSITIONS
+    return sample_length(n_instruction_ids, n_codes, n_transcript_ids)
 
 
 def lora_target_regex(targets: Sequence[str] = QWEN2_LORA_TARGETS) -> str:
