@@ -173,25 +173,14 @@ def build_encoder(tiny: bool, device: Any) -> Any:
 
 
 def trainee_from_model(model: Any, the_plan: Any, settings: dict[str, Any]) -> Any:
-    """The trainee family.trainee() builds, from a model already in memory instead of a folder: the same LoRA
-    config (r, alpha from the plan; the trunk's projections by ``family.lora_target_names``; ``lora_dropout``
-    from the settings; no bias), the audio branch frozen, the family's own trainee class. The frozen base keeps
-    the dtype it was built in."""
-    from peft import LoraConfig, get_peft_model
-
+    """The trainee the stage builds (``family.trainee_of``, what ``family.trainee`` calls after loading the
+    folder), from a model already in memory; the frozen base keeps the dtype it was built in."""
     from common.families.kimi_audio import family
 
     if the_plan.mode != "lora":
         raise SystemExit(f"the plan chose mode {the_plan.mode!r}; this bench measures the LoRA setup the planner "
                          "chooses for Kimi-Audio-7B on one GPU")
-    lora = the_plan.lora
-    targets = family.lora_target_names(model)
-    spec = {"mode": the_plan.mode, "r": lora.r, "alpha": lora.alpha, "modules": len(targets)}
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=float(settings.get("lora_dropout", 0.05)),
-                        target_modules=targets, bias="none")
-    owner = get_peft_model(model, config)  # freezes every base weight; adapters in fp32 (peft's default)
-    model.freeze_audio_branch()
-    return family._Trainee.build(model, owner, spec)
+    return family.trainee_of(model, the_plan, settings)
 
 
 def torch_dtype(name: str) -> Any:
@@ -550,6 +539,7 @@ def timed_run(trainee: Any, the_plan: Any, batches: list[list[dict[str, Any]]], 
                            callbacks=[Clock()])
     trainer._get_train_sampler = lambda *a, **k: SequentialSampler(dataset)  # the length-grouped order as built
     free_memory()
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
     rss.mark()
     t0 = time.perf_counter()
     try:
@@ -562,6 +552,8 @@ def timed_run(trainee: Any, the_plan: Any, batches: list[list[dict[str, Any]]], 
         trainee.__dict__.pop("forward", None)  # accelerate wraps the forward of the model it prepares
         trainee.__dict__.pop("_original_forward", None)
     memory = gpu_stats(context_bytes)
+    if cuda:  # the caching allocator freed its cache and retried a cudaMalloc: a stall of the step it hit
+        memory["cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
     del trainer, model
     for p in trainee.parameters():
         p.grad = None
@@ -865,6 +857,12 @@ def prepare(a: argparse.Namespace, report: dict[str, Any], save) -> dict[str, An
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if cuda:  # as the finetune stage does before its model reaches the GPU
+        from common.training.trainer import expandable_segments
+
+        on, why = expandable_segments()
+        report["cuda_allocator"] = {"expandable_segments": on, "why": why,
+                                    "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     config = STANDIN_CONFIG if a.tiny else KIMI_AUDIO_7B
     family = get_family("kimi-audio")
     work_dir = Path(tempfile.mkdtemp(prefix="kimi-bench-"))

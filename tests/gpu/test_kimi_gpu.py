@@ -227,6 +227,7 @@ def row_errors(folder: Path, items: list[dict], device: str) -> list[dict]:
 
 def test_one_lora_step_in_bf16_matches_fp32(cuda, folder, items):
     e = step_errors(folder, items, cuda)
+    print(json.dumps(e, indent=1))
     assert e["loss_rel"] <= LOSS_RTOL, e
     assert e["grad_rel"] <= GRAD_RTOL, e
     assert e["worst_cosine"] >= GRAD_MIN_COSINE, e
@@ -234,6 +235,7 @@ def test_one_lora_step_in_bf16_matches_fp32(cuda, folder, items):
 
 def test_each_row_of_a_padded_bf16_batch_equals_the_row_alone(cuda, folder, items):
     rows = row_errors(folder, items, cuda)
+    print(json.dumps(rows, indent=1))  # shown with -rA: the measured margins
     assert sum(r["padding"] > 0 for r in rows) == len(rows) - 1  # every row but the longest is padded
     for r in rows:
         assert r["logit_diff"] <= min(ROW_LOGIT_MAX, ROW_FACTOR * r["bf16_logit_dev"]), r

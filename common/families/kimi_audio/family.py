@@ -331,7 +331,13 @@ def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
     from common.families.kimi_audio.model import load_pretrained
 
     dtype = getattr(torch, getattr(plan, "load_dtype", None) or "float32")  # the plan's (bf16 base for LoRA on GPUs)
-    model = load_pretrained(model_dir, dtype=dtype)
+    return trainee_of(load_pretrained(model_dir, dtype=dtype), plan, settings)
+
+
+def trainee_of(model: Any, plan: Plan, settings: Mapping[str, Any]) -> Any:
+    """The trainee of a model already in memory (``trainee`` loads it first): LoRA on the planned trunk
+    projections (or every LLM weight for a full fine-tune), the audio branch frozen."""
+    dtype = next(model.parameters()).dtype
     spec: dict[str, Any] = {"mode": plan.mode, "dtype": str(dtype).removeprefix("torch.")}
     if plan.mode == "lora":
         from peft import LoraConfig, get_peft_model
