@@ -54,7 +54,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import statistics
 import time
