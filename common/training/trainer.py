@@ -149,6 +149,15 @@ def expandable_segments() -> tuple[bool, str]:
                   "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False keeps it off)")
 
 
+def freeze_gc() -> None:
+    """Move every object alive now (the data set, the model's Python objects) out of the garbage collector's
+    reach: a full collection would walk them all, a pause of seconds in the middle of a step."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def leave_zero3_init() -> None:
     """Models loaded from now on are plain ones: while the Trainer's DeepSpeed ZeRO-3 config is registered,
     ``from_pretrained`` builds models partitioned (deepspeed.zero.Init), which needs every rank."""

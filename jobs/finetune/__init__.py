@@ -254,6 +254,9 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
                             {"extract": ctx.input_dir("extract"), "run": ctx.input_dir("prepare").parent},
                             the_plan, values)
     dataset_seconds = time.perf_counter() - t0
+    from common.training.trainer import freeze_gc
+
+    freeze_gc()  # the examples and the model live until the end
     fast, fast_reason = fast_path_decision(s.fast_path, the_plan, trainee, built)
     log.info("fast path 快速训练: %s (%s)", "on" if fast else "off", fast_reason)
     for name, value, reason in [

@@ -348,6 +348,14 @@ def trainee_of(model: Any, plan: Plan, settings: Mapping[str, Any]) -> Any:
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=float(settings.get("lora_dropout", 0.05)),
                             target_modules=targets, bias="none")
         owner = get_peft_model(model, config)  # freezes every base weight
+        if getattr(plan, "precision", None) == "bf16":
+            # the loops run under bf16 autocast: peft would cast each adapter's input to its fp32 weights' dtype
+            # (a full copy of the activations per projection, 196 on the 7B, and dropout in fp32) only for
+            # autocast to cast it back for the matmul
+            for module in owner.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
+            spec["adapter_input"] = "as computed (bf16 autocast)"
     else:
         model.requires_grad_(True)
         owner = model
