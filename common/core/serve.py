@@ -31,13 +31,20 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.concurrency import run_in_threadpool
 
 from common.core.segment import VadOptions, speech_spans
@@ -205,12 +212,13 @@ class _TooLarge(Exception):
 
 
 def create_app(loaded: Any, limits: Limits = Limits(), *, model_name: str | None = None,
-               vad: VadOptions = VadOptions(), normalize: str = "none"):
+               vad: VadOptions | None = None, normalize: str = "none"):
     """The FastAPI application around ``loaded`` (a :class:`common.core.inference.Loaded`); ``normalize``: the
     texts' normalisation (see :mod:`common.core.transcripts`)."""
     from common.core.audio import SAMPLE_RATE, AudioProblem, load_audio
     from common.core.segment import Segment, join_texts
 
+    vad = vad or VadOptions()
     metrics = Metrics()
     name = model_name or loaded.info.get("model") or "asr-ft"
     served = (loaded.engine.info.get("decoding") or {}).get("language") or "zh"
@@ -254,9 +262,11 @@ def create_app(loaded: Any, limits: Limits = Limits(), *, model_name: str | None
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "asr-ft"}]}
 
     @app.post(TRANSCRIPTIONS)
-    async def transcriptions(file: UploadFile = File(...), model: str = Form(""), language: str | None = Form(None),
-                             response_format: str = Form("json"), prompt: str | None = Form(None),
-                             temperature: float | None = Form(None)):
+    async def transcriptions(file: Annotated[UploadFile, File()], model: Annotated[str, Form()] = "",
+                             language: Annotated[str | None, Form()] = None,
+                             response_format: Annotated[str, Form()] = "json",
+                             prompt: Annotated[str | None, Form()] = None,
+                             temperature: Annotated[float | None, Form()] = None):
         if response_format not in RESPONSE_FORMATS:
             raise ApiError(400, f"response_format {response_format!r}: expected one of {', '.join(RESPONSE_FORMATS)}",
                            "invalid_response_format", "response_format")
