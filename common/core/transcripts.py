@@ -49,10 +49,15 @@ def _vtt_time(seconds: float) -> str:
     return f"{h:02d}:{m:02d}:{rest // 1000:02d}.{rest % 1000:03d}"
 
 
+def _one_line(text: str) -> str:
+    """A cue's text on one line: a blank line would end the cue, and ``-->`` would start a new one."""
+    return " ".join(text.split()).replace("-->", "→")
+
+
 def as_srt(segments: Sequence[Segment]) -> str:
     import srt
 
-    return srt.compose([srt.Subtitle(i, timedelta(seconds=s.start), timedelta(seconds=s.end), s.text)
+    return srt.compose([srt.Subtitle(i, timedelta(seconds=s.start), timedelta(seconds=s.end), _one_line(s.text))
                         for i, s in enumerate(segments, 1)], reindex=False)
 
 
@@ -61,7 +66,7 @@ def as_vtt(segments: Sequence[Segment]) -> str:
 
     vtt = webvtt.WebVTT()
     for s in segments:
-        vtt.captions.append(webvtt.Caption(_vtt_time(s.start), _vtt_time(s.end), s.text))
+        vtt.captions.append(webvtt.Caption(_vtt_time(s.start), _vtt_time(s.end), _one_line(s.text)))
     return vtt.content
 
 
