@@ -52,4 +52,5 @@ def espeak_clips(n: int) -> list[tuple[np.ndarray, str]]:
     from common.core import demo_data
 
     pool = demo_data.sentence_pool()[:n]
-    return [(demo_data.synthesize(demo_data.plan_clip(s, i)), s.text) for i, s in enumerate(pool)]
+    clips = [demo_data.synthesize(demo_data.plan_clip(s, i)) for i, s in enumerate(pool)]  # int16 samples
+    return [(c.astype(np.float32) / 32768, s.text) for c, s in zip(clips, pool, strict=True)]
