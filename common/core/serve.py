@@ -82,8 +82,8 @@ def error_body(message: str, code: str, param: str | None = None) -> dict[str, A
 class Batcher:
     """One worker thread decodes the queued segments of all requests, ``batch_size`` at a time."""
 
-    def __init__(self, engine: Any, batch_size: int):
-        self.engine, self.batch_size = engine, batch_size
+    def __init__(self, engine: Any, batch_size: int, on_batch: Any = None):
+        self.engine, self.batch_size, self.on_batch = engine, batch_size, on_batch
         self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrft-decode")
         self.task: asyncio.Task | None = None
@@ -130,6 +130,8 @@ class Batcher:
                         future.set_exception(e)
                 continue
             self.batches += 1
+            if self.on_batch:
+                self.on_batch(len(batch))
             for (_, future), text in zip(batch, texts, strict=True):
                 if not future.done():
                     future.set_result(text)
@@ -152,6 +154,8 @@ class Metrics:
         self.in_flight = Gauge("asrft_transcription_requests_in_flight", "transcription requests being handled",
                                registry=self.registry)
         self.segments = Counter("asrft_transcription_segments", "speech segments decoded", registry=self.registry)
+        self.batches = Counter("asrft_transcription_batches", "batches decoded (segments of several requests "
+                               "share one)", registry=self.registry)
 
 
 class GuardMiddleware:
@@ -222,7 +226,7 @@ def create_app(loaded: Any, limits: Limits = Limits(), *, model_name: str | None
     metrics = Metrics()
     name = model_name or loaded.info.get("model") or "asr-ft"
     served = (loaded.engine.info.get("decoding") or {}).get("language") or "zh"
-    batcher = Batcher(loaded.engine, loaded.batch_size)
+    batcher = Batcher(loaded.engine, loaded.batch_size, on_batch=lambda n: metrics.batches.inc())
 
     @asynccontextmanager
     async def lifespan(app):

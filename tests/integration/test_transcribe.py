@@ -146,7 +146,6 @@ def test_a_missing_model_is_a_clear_error(tmp_path, recording, caplog):
     assert "no such folder" in caplog.text
 
 
-@pytest.mark.slow
 def test_kimi_audio_standin_runs_through_transcribe(recording, tmp_path):
     """The seam: the Kimi-Audio family's engine behind the same command (random stand-in: texts mean nothing)."""
     path, rec = recording
