@@ -159,3 +159,20 @@ def test_kimi_audio_standin_runs_through_transcribe(recording, tmp_path):
     first = rec.truth[0][0] - (rec.truth[0][0] - 1)
     assert abs(row["segments"][0]["start"] - first) <= TOLERANCE
     assert np.all(np.diff([s["start"] for s in row["segments"]]) > 0)
+
+
+def test_evaluate_scores_a_long_recording_per_recording(tiny, recording, tmp_path):
+    path, rec = recording
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    (audio / "talk.wav").write_bytes(path.read_bytes())
+    sf.write(audio / "short.wav", rec.samples[int((rec.truth[0][0] - 0.5) * SR):int((rec.truth[0][1] + 0.5) * SR)], SR)
+    texts = [t for _, t in espeak_clips(N_CLIPS)]
+    (tmp_path / "test.csv").write_text(f"audio_id,text\ntalk,{''.join(texts)}\nshort,{texts[0]}\n", encoding="utf-8")
+    assert cli(["evaluate", "--model", f"tiny={tiny}", "--test-csv", str(tmp_path / "test.csv"), "--test-audio-dir",
+                str(audio), "--max-new-tokens", "4", "--run-id", "long", "--artifacts", str(tmp_path / "runs")]) == 0
+    out = tmp_path / "runs" / "long" / "evaluate"
+    rows = {r["id"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines())}
+    assert (rows["talk"]["segments"], rows["short"]["segments"]) == (N_CLIPS, 1)
+    assert rows["talk"]["duration"] == pytest.approx(180.0, abs=0.01)
+    assert (out / "rejected.jsonl").read_text() == ""

@@ -160,3 +160,22 @@ def test_jsonl_and_text():
 ])
 def test_normalisation_matches_the_report(name, texts):
     assert [s.text for s in normalized(SEGMENTS, name)] == texts
+
+
+def test_evaluate_decodes_a_long_recording_as_its_segments(clips, tmp_path):
+    """transcribe_utterances (the evaluate stage's loop): a recording over 30 s is one row, its segments' texts
+    joined in order; a short clip beside it is decoded whole."""
+    import soundfile as sf
+
+    from common.core.transcribe import Utterance, transcribe_utterances
+
+    rec = build_recording(clips, seconds=180.0, seed=4)
+    sf.write(tmp_path / "long.wav", rec.samples, SR, subtype="FLOAT")
+    sf.write(tmp_path / "short.wav", clips[3], SR, subtype="FLOAT")
+    engine = PeakEngine()
+    rows = transcribe_utterances(engine, [Utterance("long", "ref", str(tmp_path / "long.wav")),
+                                          Utterance("short", "ref", str(tmp_path / "short.wav"))], batch_size=4)
+    assert [(r["id"], r["hypothesis"], r["segments"]) for r in rows] == [
+        ("long", " ".join(f"c{i}" for i in range(N_CLIPS)), N_CLIPS), ("short", "c3", 1)]
+    assert rows[0]["duration"] == pytest.approx(180.0)
+    assert max(engine.batches) <= 4
