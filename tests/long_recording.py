@@ -54,3 +54,16 @@ def espeak_clips(n: int) -> list[tuple[np.ndarray, str]]:
     pool = demo_data.sentence_pool()[:n]
     clips = [demo_data.synthesize(demo_data.plan_clip(s, i)) for i, s in enumerate(pool)]  # int16 samples
     return [(c.astype(np.float32) / 32768, s.text) for c, s in zip(clips, pool, strict=True)]
+
+
+def real_clips(folder, n: int) -> list[tuple[str, np.ndarray, str]]:
+    """The first ``n`` clips of a real Mandarin dev set (``transcripts.csv`` + ``audio/``): (id, samples, text)."""
+    import csv
+    from pathlib import Path
+
+    from common.core.audio import load_audio
+
+    folder = Path(folder)
+    with open(folder / "transcripts.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))[:n]
+    return [(r["audio_id"], load_audio(folder / "audio" / f"{r['audio_id']}.wav")[0], r["text"]) for r in rows]

@@ -176,3 +176,35 @@ def test_evaluate_scores_a_long_recording_per_recording(tiny, recording, tmp_pat
     assert (rows["talk"]["segments"], rows["short"]["segments"]) == (N_CLIPS, 1)
     assert rows["talk"]["duration"] == pytest.approx(180.0, abs=0.01)
     assert (out / "rejected.jsonl").read_text() == ""
+
+
+@pytest.mark.slow
+def test_whisper_base_on_real_speech_matches_evaluate(real_zh_dev):
+    """Content: 15 real clips in a 3-minute recording, transcribed with bundled:whisper-base, against the same
+    clips decoded one by one as evaluate does — the same order, one segment per clip, CER within 2 points."""
+    from long_recording import real_clips
+
+    from common.core.inference import open_model
+    from common.core.metrics import aggregate
+    from common.core.segment import join_texts, transcribe_recording
+    from jobs.transcribe import TranscribeSettings
+
+    clips = real_clips(real_zh_dev, 15)
+    rec = build_recording([c for _, c, _ in clips], seconds=180.0, seed=5)
+    loaded = open_model(TranscribeSettings(model="bundled:whisper-base", audio=["-"]))
+    alone = loaded.engine.transcribe([c for _, c, _ in clips][:8]) + loaded.engine.transcribe(
+        [c for _, c, _ in clips][8:])
+    segments = transcribe_recording(loaded.engine, rec.samples, batch_size=loaded.batch_size)
+
+    placed = []  # each clip's whole extent in the recording (real clips carry their own silences)
+    for (start, _), (_, c, _) in zip(rec.truth, clips, strict=True):
+        placed.append((start, start + len(c) / SR))
+    owner = [next(i for i, (a, b) in enumerate(placed) if s.start >= a - TOLERANCE and s.end <= b + TOLERANCE)
+             for s in segments]
+    assert owner == sorted(owner) and sorted(set(owner)) == list(range(len(clips)))  # in order, every clip
+    assert len(segments) == len(clips)
+    texts = [join_texts([s.text for s, o in zip(segments, owner, strict=True) if o == i]) for i in range(len(clips))]
+    evaluate_cer = aggregate([{"reference": r, "hypothesis": h} for (_, _, r), h in zip(clips, alone, strict=True)])
+    transcribe_cer = aggregate([{"reference": r, "hypothesis": h} for (_, _, r), h in zip(clips, texts, strict=True)])
+    assert abs(transcribe_cer["cer"] - evaluate_cer["cer"]) <= 0.02, (transcribe_cer["cer"], evaluate_cer["cer"])
+    assert transcribe_cer["cer"] < 0.5  # whisper-base reads real Mandarin (about 30 % CER on this set)
