@@ -194,8 +194,8 @@ def test_whisper_answers_concurrent_requests_like_transcribe(server, clips, expe
         with open(clips[i % N_CLIPS], "rb") as f:
             return c.audio.transcriptions.create(model="tiny", file=f).text
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        assert list(pool.map(one, range(10))) == [expected[i % N_CLIPS] for i in range(10)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        assert list(pool.map(one, range(50))) == [expected[i % N_CLIPS] for i in range(50)]
 
 
 def post(url: str, data: bytes, filename: str = "a.wav", **fields: str) -> tuple[int, dict]:
