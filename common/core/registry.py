@@ -13,8 +13,8 @@ module each one runs, which one needs a GPU and the default resources of each Jo
 
 Decides the pipeline order: ``demo-data`` (optional: only when the pipeline file has that section) →
 ``prepare`` → ``pretrained`` → ``extract`` → ``finetune`` → ``export`` → ``evaluate``. ``pretrained`` runs
-before ``extract`` so that the features are computed with the model's own front-end settings. ``score`` and
-``run`` are commands, not pipeline steps.
+before ``extract`` so that the features are computed with the model's own front-end settings. ``score``,
+``run``, ``transcribe`` and ``serve`` are commands, not pipeline steps.
 
 Writes nothing. Each stage writes ``<artifacts>/<run-id>/<name>/`` (``demo-data`` writes its own folder).
 """
@@ -63,6 +63,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("score", "jobs.score", "score predictions JSONL → metrics.json + reports · 打分", pipeline=False),
     Stage("run", "jobs.run", "the pipeline: local subprocesses, compose or Kubernetes Jobs · 运行流水线",
           pipeline=False),
+    Stage("transcribe", "jobs.transcribe", "recordings of any length → text, JSONL, SRT, WebVTT · 转写",
+          pipeline=False),
+    Stage("serve", "jobs.serve", "OpenAI-compatible HTTP transcription server · 转写服务", pipeline=False),
 )
 _BY_NAME = {s.name: s for s in STAGES}
 

@@ -123,3 +123,10 @@ def is_punctuation_only(text: str) -> bool:
     prepare rejects all of them, since a model cannot learn or be scored on them.
     """
     return normalize(text) == ""
+
+
+def simplified(text: str) -> str:
+    """Steps 1-2 only (NFKC, traditional → simplified): a transcript to read, punctuation and case kept."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected a transcript as str, got {type(text).__name__}: {text!r}")
+    return _converter().convert(unicodedata.normalize("NFKC", text))

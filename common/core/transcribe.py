@@ -7,8 +7,13 @@ An engine (a family's, see common/families/) turns a batch of 16-kHz float32 cli
 the models of one evaluation, such as prompt tokens). Every model of a run gets the same utterances in the
 same batches, so a comparison measures the models and nothing else.
 
+Long recordings: an utterance longer than one model window (30 s) is split at pauses by voice-activity
+detection (:mod:`common.core.segment`, as ``asr-ft transcribe`` does), its segments decoded in the same
+batches, and their texts joined into the utterance's one hypothesis; its row says how many ``segments``.
+
 Timing: ``decode_seconds`` of an utterance is its share of its batch's wall time (feature extraction,
-encoder and decoder; audio file reading excluded), split in proportion to the utterances' durations.
+voice-activity detection for long recordings, encoder and decoder; audio file reading excluded), split in
+proportion to the utterances' durations.
 """
 
 from __future__ import annotations
@@ -67,8 +72,9 @@ def transcribe_utterances(
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Transcribe ``utterances`` in batches; rows ``{id, reference, hypothesis, duration, decode_seconds}``
-    in the input order. An audio file that cannot be read gives a row with ``error`` (and no hypothesis)."""
+    """Transcribe ``utterances`` in batches; rows ``{id, reference, hypothesis, duration, decode_seconds,
+    segments}`` in the input order. An audio file that cannot be read gives a row with ``error`` (and no
+    hypothesis). Recordings longer than 30 s are decoded as their VAD segments (see the module docstring)."""
     from common.core.audio import SAMPLE_RATE, AudioProblem, load_audio
 
     rows: dict[str, dict[str, Any]] = {}
@@ -85,14 +91,36 @@ def transcribe_utterances(
             ok.append(u)
         if ok:
             t0 = time.perf_counter()
-            texts = engine.transcribe(audios)
+            texts, counts = _decode(engine, audios, batch_size)
             seconds = time.perf_counter() - t0
             total = sum(u.duration or 0.0 for u in ok) or float(len(ok))
-            for u, text in zip(ok, texts, strict=True):
+            for u, text, count in zip(ok, texts, counts, strict=True):
                 share = (u.duration or 0.0) / total if total else 1 / len(ok)
                 rows[u.id] = {"id": u.id, "reference": u.reference, "hypothesis": text,
-                              "duration": u.duration, "decode_seconds": round(seconds * share, 6), **u.extra}
+                              "duration": u.duration, "decode_seconds": round(seconds * share, 6),
+                              "segments": count, **u.extra}
         if progress:
             progress(len(batch))
     return [rows[u.id] for u in utterances]
 
+
+
+
+def _decode(engine: Engine, audios: list[np.ndarray], batch_size: int) -> tuple[list[str], list[int]]:
+    """Texts of whole clips; a clip longer than the window is decoded as its VAD segments, texts joined.
+    Returns (texts, segments per clip)."""
+    from common.core.segment import WINDOW_SAMPLES, join_texts, speech_spans, transcribe_pieces
+
+    if all(len(a) <= WINDOW_SAMPLES for a in audios):
+        return engine.transcribe(audios), [1] * len(audios)
+    pieces: list[np.ndarray] = []
+    owner: list[int] = []
+    for i, audio in enumerate(audios):
+        parts = [audio] if len(audio) <= WINDOW_SAMPLES else [audio[s.start:s.end] for s in speech_spans(audio)]
+        pieces += parts
+        owner += [i] * len(parts)
+    texts = transcribe_pieces(engine, pieces, batch_size=batch_size)
+    grouped: list[list[str]] = [[] for _ in audios]
+    for i, text in zip(owner, texts, strict=True):
+        grouped[i].append(text)
+    return [join_texts(g) for g in grouped], [owner.count(i) for i in range(len(audios))]

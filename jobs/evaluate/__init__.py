@@ -22,7 +22,9 @@ a folder holding ``transcripts.csv`` (audio id + text) and ``audio/``. Paths may
 as ``${VAR}``. A set whose variable is unset or whose files are missing stops the stage before any model is
 loaded, unless it is ``optional``: then it is skipped with a warning that says what to set. CSV rows go
 through prepare's checks (``common.core.convert``); bad rows are reported in ``rejected.jsonl`` and the report,
-and never stop the stage.
+and never stop the stage. A recording longer than 30 s (up to 4 h) is split at pauses into segments of at
+most 30 s (Silero VAD, as ``asr-ft transcribe`` does) and scored as one utterance; its row in
+``predictions.jsonl`` gives the number of ``segments``.
 
 Outputs in ``<artifacts>/<run-id>/evaluate/``: ``predictions.jsonl`` (one line per model × utterance:
 id, reference, hypothesis, model, set, duration, decode_seconds, normalized texts, CER), ``metrics.json``
@@ -81,6 +83,7 @@ DIR_PREFIX = "dir:"  # "NAME=dir:FOLDER", the flag form of a `dir` set
 DIR_CSV, DIR_AUDIO = "transcripts.csv", "audio"  # a `dir` set's folder: FOLDER/transcripts.csv + FOLDER/audio/
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${VAR} in a set's path
 BATCH_SIZE = {"cpu": 8, "cuda": 32}  # CPU: no gain beyond ~8 on a few cores; GPU: 32 clips of 30 s in bf16 fit easily
+MAX_RECORDING_SECONDS = 4 * 3600.0  # a test recording may be long: over 30 s it is decoded segment by segment
 COMPUTE_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
 
 
@@ -414,12 +417,13 @@ def _jsonl_set(entry: SetEntry) -> LoadedSet:
 
 def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
     """CSV + audio folder → utterances, through prepare's checks and conversion with prepare's default limits
-    (``common.core.convert``; 16 kHz mono wav in ``work``)."""
+    except the length: recordings up to MAX_RECORDING_SECONDS (``common.core.convert``; 16 kHz mono wav in
+    ``work``)."""
     try:
         scan = scan_csvs([("test", str(entry.path), str(entry.audio_dir))], s3)
     except DatasetError as e:
         raise StageFailed(f"set {entry.spec.name!r}: {e}", exit_code=2) from None
-    limits = ClipLimits()
+    limits = ClipLimits(max_seconds=MAX_RECORDING_SECONDS)  # longer than 30 s: decoded as VAD segments
     out_audio = work / entry.spec.name
     out_audio.mkdir(parents=True, exist_ok=True)
     rejected = [{"set": entry.spec.name, **r.to_json()} for r in scan.rejected]
@@ -541,7 +545,7 @@ def _check_same_settings(info: dict[str, Any]) -> None:
                           f"large-v3 with 128 mel bins vs base with 80). Evaluate them in separate runs.")
 
 
-PREDICTION_KEYS = ("id", "reference", "hypothesis", "model", "set", "duration", "decode_seconds",
+PREDICTION_KEYS = ("id", "reference", "hypothesis", "model", "set", "duration", "decode_seconds", "segments",
                    "ref_norm", "hyp_norm", "cer", "char_errors", "ref_chars")
 
 

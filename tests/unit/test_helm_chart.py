@@ -336,3 +336,99 @@ def test_names_rules_and_security_match_the_plain_manifests(chart):
     assert container["securityContext"] == plain_container["securityContext"]
     assert container["command"] == plain_container["command"]
     assert by_kind(objects)["Job"]["spec"]["podFailurePolicy"] == plain["Job/asr-ft-pipeline"]["spec"]["podFailurePolicy"]
+
+
+# ------------------------------------------------------------------------------------------------ serve mode
+
+SERVE = {"serve": {"enabled": True, "model": "/artifacts/demo/export"}}
+
+
+def serve_objects(chart, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(Deployment, its pod spec, Service) of a render with the serve mode on."""
+    kinds = by_kind(render(chart, values))
+    deployment = kinds["Deployment"]
+    return deployment, deployment["spec"]["template"]["spec"], kinds["Service"]
+
+
+def test_serve_is_off_by_default(chart):
+    assert {"Deployment", "Service"}.isdisjoint(o["kind"] for o in render(chart))
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("extra", [{}, {"serve": {"gpus": 1}}, yaml.safe_load((CHART / "ci" / "s3-values.yaml").read_text())])
+def test_serve_mode_validates_strictly_and_lints(chart, kube_version, extra):
+    values = {**extra, "serve": {**SERVE["serve"], **extra.get("serve", {})}}
+    for obj in render(chart, values):
+        kubernetes_validate.validate(obj, kube_version, strict=True)
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+def test_serve_deployment_runs_asr_ft_serve_with_the_jobs_security(chart):
+    from common.executors.k8s import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT
+    from jobs.serve import ServeSettings
+
+    deployment, pod, service = serve_objects(chart, SERVE)
+    (container,) = pod["containers"]
+    assert deployment["metadata"]["name"] == service["metadata"]["name"] == "asr-ft-serve"
+    assert container["command"] == ["asr-ft", "serve"]
+    assert pod["securityContext"] == POD_SECURITY_CONTEXT == orchestrator(render(chart))["securityContext"]
+    assert container["securityContext"] == CONTAINER_SECURITY_CONTEXT
+    assert pod["automountServiceAccountToken"] is False  # the server needs no Kubernetes API
+    # the environment is settings `asr-ft serve` accepts, and says what the values say
+    env = {e["name"]: e["value"] for e in container["env"]}
+    serve_env = {k: v for k, v in env.items() if k.startswith("ASRFT_SERVE_")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in serve_env.items():
+            mp.setenv(k, v)
+        settings = load_settings(ServeSettings)
+    assert (settings.model, settings.host, settings.port, settings.max_upload_mb, settings.max_audio_seconds,
+            settings.graceful_seconds) == ("/artifacts/demo/export", "0.0.0.0", 8000, 25, 1800, 120)
+    assert pod["terminationGracePeriodSeconds"] == 130  # in-flight requests get their time before SIGKILL
+    # probes and the Service reach the container's port; the Service selects exactly these pods
+    (port,) = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("http", 8000)
+    assert all(container[p]["httpGet"] == {"path": "/health", "port": "http"}
+               for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"].items() <= labels.items() and labels["app.kubernetes.io/component"] == "serve"
+    # the model is read from the artifacts volume, read-only; /tmp is the only writable path
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["/artifacts"]["readOnly"] is True
+    assert volumes[mounts["/artifacts"]["name"]]["persistentVolumeClaim"] == {"claimName": "asr-ft-artifacts",
+                                                                              "readOnly": True}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert container["image"] == "ghcr.io/asr-ft/asr-ft:0.1.0" and "nvidia.com/gpu" not in container["resources"]["limits"]
+
+
+def test_serve_on_a_gpu_and_with_s3(chart):
+    s3 = yaml.safe_load((CHART / "ci" / "s3-values.yaml").read_text())
+    _, pod, _ = serve_objects(chart, {**s3, "serve": {**SERVE["serve"], "model": "s3://models/mine", "gpus": 1}})
+    (container,) = pod["containers"]
+    assert container["image"] == "ghcr.io/asr-ft/asr-ft:0.1.0-cuda"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["envFrom"] == [{"secretRef": {"name": s3["s3"].get("existingSecret") or "asr-ft-s3"}}]
+    assert not any("SECRET" in e["name"] or "KEY" in e["name"] for e in container["env"])  # keys only via the Secret
+
+
+@pytest.mark.parametrize("values, problem", [
+    ({"serve": {"enabled": True}}, "serve.enabled needs serve.model"),
+])
+def test_serve_needs_a_model(chart, values, problem):
+    with pytest.raises(helm.HelmRenderError, match=problem):
+        render(chart, values)
+
+
+@pytest.mark.parametrize("values, where", [
+    ({"serve": {"port": 80}}, "/serve/port"),  # non-root cannot bind a privileged port
+    ({"serve": {"service": {"type": "Ingress"}}}, "/serve/service/type"),
+    ({"serve": {"gracefulSeconds": 0}}, "/serve/gracefulSeconds"),
+    ({"serve": {"replicaCount": 2}}, "replicaCount"),
+])
+def test_serve_values_are_checked(chart, values, where):
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.validate_schema(chart.merge_values(values))
+    assert where in str(err.value)

@@ -31,6 +31,8 @@ def test_pipeline_order():
     ("evaluate", "jobs.evaluate", True, False, False),
     ("score", "jobs.score", False, False, False),
     ("run", "jobs.run", False, False, False),
+    ("transcribe", "jobs.transcribe", False, False, False),
+    ("serve", "jobs.serve", False, False, False),
 ])
 def test_stage_table(name, module, pipeline, optional, gpu):
     s = stage(name)

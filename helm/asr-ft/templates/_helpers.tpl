@@ -61,6 +61,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-pipeline" (include "asr-ft.fullname" .) }}
 {{- end }}
 
+{{- define "asr-ft.serveName" -}}
+{{- printf "%s-serve" (include "asr-ft.fullname" .) }}
+{{- end }}
+
+{{/* What the serve Service selects: the serve pods of this release only. */}}
+{{- define "asr-ft.serveSelector" -}}
+app.kubernetes.io/name: {{ include "asr-ft.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: serve
+{{- end }}
+
 {{/* The Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: the existing one, else the chart's. */}}
 {{- define "asr-ft.s3SecretName" -}}
 {{- default (printf "%s-s3" (include "asr-ft.fullname" .)) .Values.s3.existingSecret }}
