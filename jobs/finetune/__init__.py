@@ -417,7 +417,7 @@ def run_as_rank(settings: FinetuneSettings) -> int:
     that fails fails its node with its error; the others stop when their collectives lose it."""
     import torch
 
-    from common.core.stage import EXIT_FAILED, EXIT_OK, fail
+    from common.core.stage import EXIT_FAILED, EXIT_OK, fail, run_stage
     from common.core.store import open_store
     from common.training.launch import (
         is_rank_zero,
