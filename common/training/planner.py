@@ -268,12 +268,14 @@ def detect_resources(
     cpu_count: int | None = None,
     gpu_name: str | None = None,
     bf16_supported: bool | None = None,
+    nodes: int = 1,
     cgroup_root: Path = Path("/sys/fs/cgroup"),
     proc_self_cgroup: Path = Path("/proc/self/cgroup"),
 ) -> Resources:
     """GPUs (torch.cuda), host RAM = min(physical RAM, cgroup limit), usable CPUs.
 
-    Any argument given replaces the detected value (e.g. planning a Kubernetes pod from outside it).
+    Any argument given replaces the detected value (e.g. planning a Kubernetes pod from outside it); ``nodes``:
+    how many such nodes the training may span (the Kubernetes executor's setting; a stage detects one).
     """
     source: dict[str, str] = {}
     if gpus is None or gpu_mem_bytes is None or gpu_name is None or bf16_supported is None:
@@ -315,6 +317,7 @@ def detect_resources(
         cpu_count=cpu_count,
         gpu_name=gpu_name if gpus else None,
         bf16_supported=bool(bf16_supported) if gpus else False,
+        nodes=nodes,
         source=source,
     )
 

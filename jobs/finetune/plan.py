@@ -137,6 +137,7 @@ def training_pod(settings: Any, family: ModelFamily, config: Mapping[str, Any], 
 def setup_of(the_plan: Plan) -> dict[str, Any]:
     """The choices that make a training setup (compared between the executor's plan and the pod's)."""
     return {"mode": the_plan.mode, "strategy": the_plan.strategy, "world_size": the_plan.world_size,
+            "nodes": the_plan.nodes, "procs_per_node": the_plan.procs_per_node,
             "per_device_batch": the_plan.per_device_batch, "grad_accum": the_plan.grad_accum,
             "gradient_checkpointing": the_plan.gradient_checkpointing, "precision": the_plan.precision,
             "lora": the_plan.value("lora"), "deepspeed": bool(the_plan.deepspeed_config)}
