@@ -23,6 +23,8 @@ from common.core.stage import MANIFEST  # noqa: E402
 from common.executors import k8s as k8s_mod  # noqa: E402
 from jobs.run.__main__ import main  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
+
 pytestmark = pytest.mark.timeout(60)
 
 PIPELINE = """
@@ -179,3 +181,26 @@ def test_missing_trainjob_crd_says_how_to_install_kubeflow_trainer(tmp_path, cap
     err = capsys.readouterr().err
     assert "no TrainJob CRD" in err and "Install Kubeflow Trainer" in err and "--k8s-nodes 1" in err
     assert api.created == []  # checked before any step ran
+
+
+def test_standalone_trainjob_example_matches_the_executors(capsys, monkeypatch):
+    """k8s/finetune-trainjob.yaml is a valid TrainJob (and JobSet once expanded) with the executor's contract."""
+    manual = yaml.safe_load((ROOT / "k8s" / "finetune-trainjob.yaml").read_text())
+    assert errors(manual) == [] and errors(expand(manual, runtime("torch-distributed"))) == []
+    Path("pipeline.yaml").write_text(PIPELINE.replace("run_id: big", "run_id: demo"))
+    built = dry_run(capsys, monkeypatch, *NODES)
+    for key in ("runtimeRef",):
+        assert manual["spec"][key] == built["spec"][key]
+    mt, bt = manual["spec"]["trainer"], built["spec"]["trainer"]
+    for key in ("command", "numNodes", "numProcPerNode", "resourcesPerNode"):
+        assert mt[key] == bt[key], key  # the plan's numbers for Kimi-Audio-7B, full, on 2 x 8 x 80 GB
+    assert {e["name"] for e in mt["env"]} >= {"ASRFT_ARTIFACTS", "ASRFT_RUN_ID", "ASRFT_CACHE", "HOME"}
+
+    def pod(tj):
+        return tj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+            "template"]["spec"]["template"]["spec"]
+
+    mp, bp = pod(manual), pod(built)
+    for key in ("securityContext", "nodeSelector", "tolerations", "volumes"):
+        assert mp[key] == bp[key], key
+    assert mp["containers"] == bp["containers"]
