@@ -26,6 +26,14 @@ stops the pipeline and prints the pod's termination message and its last log lin
 
 The training Job (finetune) takes its GPU count, memory request/limit and ``/dev/shm`` size from the
 fine-tune planner, run here in-process, and records them in the annotation ``asr-ft/resources``.
+
+More than one node (``k8s.nodes`` > 1 and a plan that uses them): the finetune step is a Kubeflow Trainer
+``trainer.kubeflow.org/v1alpha1`` TrainJob instead (``build_trainjob``) on a torchrun ClusterTrainingRuntime
+(``k8s.trainer_runtime``, default ``torch-distributed``): ``numNodes`` x ``numProcPerNode`` and
+``resourcesPerNode`` from the plan, every node running ``torchrun --module jobs.finetune``, the same image,
+environment, volumes and security context (a runtime patch). The run checks first that the cluster serves
+TrainJobs (and says how to install Kubeflow Trainer), follows node 0's log (global rank 0), waits for the
+TrainJob's Complete / Failed condition and reports the termination message of the pod that failed first.
 """
 
 from __future__ import annotations
