@@ -447,6 +447,7 @@ def run_as_rank(settings: FinetuneSettings) -> int:
         out = Path(order["out"])
         out.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(STAGE, settings, open_store(settings.artifacts, settings.s3), settings.run_id, out)
+        bring_checkpoint_to_this_node(ctx, order["job"])
         result = train_rank(ctx, order["job"])
     except StageFailed as e:
         return fail(STAGE, f"rank {rank} of {worker_world_size()}: {e}", e.exit_code)
@@ -466,6 +467,7 @@ def lead_the_world(ctx: StageContext, the_plan: Plan, inputs: dict[str, Any]) ->
     job = RankJob(plan=the_plan, inputs=inputs, launched=True, resume=resume)
     share_from_rank_zero({"action": "train", "job": job, "out": str(ctx.out)})
     _shared["done"] = True
+    bring_checkpoint_to_this_node(ctx, job)
     try:
         result = train_rank(ctx, job)
     except StageFailed:
@@ -478,3 +480,17 @@ def lead_the_world(ctx: StageContext, the_plan: Plan, inputs: dict[str, Any]) ->
     summary["nodes"] = the_plan.nodes
     summary["procs_per_node"] = the_plan.procs_per_node
     return summary
+
+
+def bring_checkpoint_to_this_node(ctx: StageContext, job: RankJob) -> None:
+    """Every rank resumes from the same checkpoint folder path: on a shared volume it is there already; with S3
+    artifacts each node's first process downloads it into the same staging path (rank 0's node has it).
+    All ranks wait for that here (a barrier), so no rank reads a half-downloaded checkpoint."""
+    import torch.distributed as dist
+
+    from common.training.launch import local_rank, worker_rank
+    from jobs.finetune.resume import restore_from_store
+
+    if job.resume is not None and worker_rank() != 0 and local_rank() == 0 and not job.resume.is_dir():
+        restore_from_store(ctx, "trainer")
+    dist.barrier()
