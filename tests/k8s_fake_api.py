@@ -361,9 +361,10 @@ class FakeKubeAPI:
         order = sorted(failing - {0}) + [0] + sorted(set(range(1, len(pods))) - failing)
         for second, i in enumerate(order):
             pod = pods[i]
-            outcome = self._pod_outcome[pod["metadata"]["name"]]
+            pod_name = pod["metadata"]["name"]
+            outcome = self._pod_outcome[pod_name]
             if i == 0:
-                self._wait(lambda: pod["metadata"]["name"] in self._log_sent)
+                self._wait(lambda name=pod_name: name in self._log_sent)
                 if failing - {0} and not outcome.exit_code:
                     outcome = Outcome(1, "finetune: rank 0 of 2: DistBackendError: connection closed by peer")
             if i == 0 and not failing:

@@ -349,9 +349,7 @@ def world_size_note(the_plan: Plan) -> str | None:
 
 def record_processes(the_plan: Plan, launched: bool) -> None:
     """The 'processes' decision: how many training processes, who starts them, which backend."""
-    from common.training.launch import backend_for
-
-    from common.training.launch import is_worker
+    from common.training.launch import backend_for, is_worker
 
     n = the_plan.world_size
     backend = backend_for(the_plan.device) if n > 1 else None
