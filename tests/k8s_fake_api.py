@@ -10,6 +10,13 @@ It is not a Kubernetes server and implements no scheduling, admission or validat
     GET    /api/v1/namespaces/{ns}/pods[?watch=true]             list or watch pods (labelSelector a=b,c=d;
                                                                  fieldSelector metadata.name=)
     GET    /api/v1/namespaces/{ns}/pods/{name}/log?follow=true   the pod's log, streamed
+    GET    /apis/trainer.kubeflow.org/v1alpha1                   API discovery: TrainJobs served (``trainer_installed``)
+    GET/POST/DELETE .../trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs[/{name}]   TrainJobs, as Jobs above
+
+A created TrainJob gets ``spec.trainer.numNodes`` simulated pods (labels of its runtime patch's pod template +
+``batch.kubernetes.io/job-completion-index``, container "node"): all run once somebody watches node 0; nodes with a
+failing ``node_outcomes[i]`` end first, node 0 ends after its log was served (failed too when another node did, as
+a rank that lost its peer); then the TrainJob gets Complete / Failed once somebody watches TrainJobs.
 
 Watches send newline-delimited JSON events (chunked), replay every event after the requested
 resourceVersion, and end cleanly at ``timeoutSeconds``. ``drop_job_watches = n`` makes the next n Job
@@ -94,6 +101,8 @@ class FakeKubeAPI:
         self.drop_job_watches = 0  # the next n Job watches break before their first event
         self.expire_next_job_watch = False
         self.dropped = self.expired = 0
+        self.trainer_installed = True  # serve trainer.kubeflow.org/v1alpha1 (TrainJob CRD installed)
+        self.node_outcomes: dict[int, Outcome] = {}  # TrainJob node index → its outcome (default: success)
         self._cond = threading.Condition()
         self._rv = 0
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}  # (kind, name) → object
@@ -162,6 +171,26 @@ class FakeKubeAPI:
 
     # -------------------------------------------------------------------------------------- API verbs
 
+    def create(self, kind: str, namespace: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if kind == "jobs":
+            return self.create_job(namespace, body)
+        if not self.trainer_installed:
+            return 404, _status(404, "NotFound", "the server could not find the requested resource")
+        name = body["metadata"]["name"]
+        with self._cond:
+            if ("trainjobs", name) in self._objects:
+                return 409, _status(409, "AlreadyExists", f'trainjobs "{name}" already exists')
+            self.created.append(json.loads(json.dumps(body)))
+            tj = json.loads(json.dumps(body))
+            tj["metadata"].update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=_now())
+            tj["status"] = {}
+            self._put("trainjobs", tj, "ADDED")
+            created = json.loads(json.dumps(tj))
+        thread = threading.Thread(target=self._trainer, args=(created,), name=f"trainer-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return 201, created
+
     def create_job(self, namespace: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         name = body["metadata"]["name"]
         with self._cond:
@@ -178,17 +207,17 @@ class FakeKubeAPI:
         self._threads.append(thread)
         return 201, created
 
-    def delete_job(self, name: str) -> tuple[int, dict[str, Any]]:
+    def delete_job(self, name: str, kind: str = "jobs") -> tuple[int, dict[str, Any]]:
         with self._cond:
-            job = self._objects.get(("jobs", name))
+            job = self._objects.get((kind, name))
             if job is None:
                 return 404, _status(404, "NotFound", f'jobs.batch "{name}" not found')
             self.deleted.append(name)
-            for (kind, _), pod in list(self._objects.items()):
+            for (k, _), pod in list(self._objects.items()):
                 owners = pod["metadata"].get("ownerReferences") or []
-                if kind == "pods" and any(o["uid"] == job["metadata"]["uid"] for o in owners):
+                if k == "pods" and any(o["uid"] == job["metadata"]["uid"] for o in owners):
                     self._put("pods", pod, "DELETED")
-            self._put("jobs", job, "DELETED")
+            self._put(kind, job, "DELETED")
         return 200, _status(200, "", "", status="Success")
 
     # -------------------------------------------------------------------------------------- the kubelet
@@ -295,6 +324,74 @@ class FakeKubeAPI:
             self._put("pods", pod, "MODIFIED")
         return phase
 
+    def _trainer(self, tj: dict[str, Any]) -> None:
+        """Kubeflow Trainer + JobSet, simulated: numNodes pods, run together; see the module docstring."""
+        name, uid = tj["metadata"]["name"], tj["metadata"]["uid"]
+        trainer = tj["spec"]["trainer"]
+        patch = tj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+        template = patch["template"]["spec"]["template"]
+        pods = []
+        with self._cond:
+            for index in range(trainer["numNodes"]):
+                labels = {**template["metadata"]["labels"], "batch.kubernetes.io/job-completion-index": str(index),
+                          "jobset.sigs.k8s.io/jobset-name": name}
+                pod = {"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": f"{name}-node-0-{index}-{uuid.uuid4().hex[:5]}",
+                                    "namespace": tj["metadata"]["namespace"], "uid": str(uuid.uuid4()),
+                                    "labels": labels, "creationTimestamp": _now(),
+                                    "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": f"{name}-node-0",
+                                                         "uid": uid, "controller": True}]},
+                       "spec": {**template["spec"], "containers": [{"name": "node", "image": trainer["image"],
+                                                                    "command": trainer["command"], "env": trainer["env"]}]},
+                       "status": {"phase": "Pending"}}
+                self.pod_phases[pod["metadata"]["name"]] = ["Pending"]
+                self._pod_outcome[pod["metadata"]["name"]] = self.node_outcomes.get(index, Outcome())
+                self._put("pods", pod, "ADDED")
+                pods.append(pod)
+        self._wait(lambda: self._watched("pods", pods[0]))
+        with self._cond:
+            for i, pod in enumerate(pods):
+                pods[i] = pod = json.loads(json.dumps(pod))
+                pod["status"] = {"phase": "Running", "containerStatuses": [
+                    {"name": "node", "image": trainer["image"], "imageID": "", "ready": True, "restartCount": 0,
+                     "state": {"running": {"startedAt": _now()}}}]}
+                self.pod_phases[pod["metadata"]["name"]].append("Running")
+                self._put("pods", pod, "MODIFIED")
+        failing = {i for i in range(len(pods)) if self.node_outcomes.get(i, Outcome()).exit_code}
+        order = sorted(failing - {0}) + [0] + sorted(set(range(1, len(pods))) - failing)
+        for second, i in enumerate(order):
+            pod = pods[i]
+            pod_name = pod["metadata"]["name"]
+            outcome = self._pod_outcome[pod_name]
+            if i == 0:
+                self._wait(lambda name=pod_name: name in self._log_sent)
+                if failing - {0} and not outcome.exit_code:
+                    outcome = Outcome(1, "finetune: rank 0 of 2: DistBackendError: connection closed by peer")
+            if i == 0 and not failing:
+                container = pod["spec"]["containers"][0]
+                _write_manifest("finetune", {e["name"]: e.get("value", "") for e in container["env"] if "value" in e})
+            phase = "Failed" if outcome.exit_code else "Succeeded"
+            terminated = {"exitCode": outcome.exit_code, "reason": "Error" if outcome.exit_code else "Completed",
+                          "startedAt": "2026-01-01T00:00:00Z", "finishedAt": f"2026-01-01T00:00:{10 + second:02d}Z"}
+            if outcome.message:
+                terminated["message"] = outcome.message
+            with self._cond:
+                pod = json.loads(json.dumps(pod))
+                pod["status"]["phase"] = phase
+                pod["status"]["containerStatuses"][0].update(ready=False, state={"terminated": terminated})
+                self.pod_phases[pod["metadata"]["name"]].append(phase)
+                self._put("pods", pod, "MODIFIED")
+        self._wait(lambda: self._watched("trainjobs", tj))
+        with self._cond:
+            current = self._objects.get(("trainjobs", name))
+            if current is None or current["metadata"]["uid"] != uid:
+                return
+            current = json.loads(json.dumps(current))
+            current["status"] = {"conditions": [
+                {"type": "Failed", "status": "True", "reason": "JobsFailed", "message": "jobset failed"} if failing
+                else {"type": "Complete", "status": "True", "reason": "JobsCompleted", "message": "done"}]}
+            self._put("trainjobs", current, "MODIFIED")
+
     def log_lines(self, pod_name: str) -> list[str]:
         stage = self._objects[("pods", pod_name)]["metadata"]["labels"]["asr-ft/stage"]
         outcome = self._pod_outcome[pod_name]
@@ -390,6 +487,13 @@ def _handler_for(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
         # ---------------------------------------------------------------------------- verbs
 
         def do_GET(self) -> None:
+            if urlparse(self.path).path.strip("/") == "apis/trainer.kubeflow.org/v1alpha1":
+                if not api.trainer_installed:
+                    return self._json(404, _status(404, "NotFound", "the server could not find the requested resource"))
+                return self._json(200, {"kind": "APIResourceList", "apiVersion": "v1",
+                                        "groupVersion": "trainer.kubeflow.org/v1alpha1",
+                                        "resources": [{"name": "trainjobs", "singularName": "trainjob", "namespaced": True, "kind": "TrainJob",
+                                                       "verbs": ["create", "delete", "get", "list", "watch"]}]})
             ns, kind, name, sub, query = self._route()
             if sub == "log":
                 return self._log(name)
@@ -404,23 +508,23 @@ def _handler_for(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
             with api._cond:
                 items = [o for (k, _), o in api._objects.items() if k == kind and self._selected(o, query)]
                 rv = str(api._rv)
-            list_kind = "JobList" if kind == "jobs" else "PodList"
-            api_version = "batch/v1" if kind == "jobs" else "v1"
+            list_kind = {"jobs": "JobList", "pods": "PodList", "trainjobs": "TrainJobList"}[kind]
+            api_version = {"jobs": "batch/v1", "pods": "v1", "trainjobs": "trainer.kubeflow.org/v1alpha1"}[kind]
             self._json(200, {"apiVersion": api_version, "kind": list_kind, "metadata": {"resourceVersion": rv},
                              "items": items})
 
         def do_POST(self) -> None:
             ns, kind, _, _, _ = self._route()
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            code, obj = api.create_job(ns, body)
+            code, obj = api.create(kind, ns, body)
             self._json(code, obj)
 
         def do_DELETE(self) -> None:
-            _, _, name, _, _ = self._route()
+            _, kind, name, _, _ = self._route()
             length = int(self.headers.get("Content-Length", 0))
             if length:
                 self.rfile.read(length)
-            code, obj = api.delete_job(name)
+            code, obj = api.delete_job(name, kind)
             self._json(code, obj)
 
         def _selected(self, obj: dict[str, Any], query: dict[str, str]) -> bool:

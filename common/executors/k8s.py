@@ -26,6 +26,14 @@ stops the pipeline and prints the pod's termination message and its last log lin
 
 The training Job (finetune) takes its GPU count, memory request/limit and ``/dev/shm`` size from the
 fine-tune planner, run here in-process, and records them in the annotation ``asr-ft/resources``.
+
+More than one node (``k8s.nodes`` > 1 and a plan that uses them): the finetune step is a Kubeflow Trainer
+``trainer.kubeflow.org/v1alpha1`` TrainJob instead (``build_trainjob``) on a torchrun ClusterTrainingRuntime
+(``k8s.trainer_runtime``, default ``torch-distributed``): ``numNodes`` x ``numProcPerNode`` and
+``resourcesPerNode`` from the plan, every node running ``torchrun --module jobs.finetune``, the same image,
+environment, volumes and security context (a runtime patch). The run checks first that the cluster serves
+TrainJobs (and says how to install Kubeflow Trainer), follows node 0's log (global rank 0), waits for the
+TrainJob's Complete / Failed condition and reports the termination message of the pod that failed first.
 """
 
 from __future__ import annotations
@@ -73,6 +81,21 @@ TAIL_LINES = 25  # log lines of a failed step shown again
 DEFAULT_GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # set by NVIDIA GPU feature discovery
 DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
+# Kubeflow Trainer (multi-node finetune): TrainJob trainer.kubeflow.org/v1alpha1 on a torchrun runtime
+TRAINER_GROUP, TRAINER_VERSION, TRAINJOBS = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+TRAINER_RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs for torchrun
+TRAINER_CONTAINER = "node"  # the trainer container of the torch runtimes (their replicated job is "node" too)
+TRAINER_COMMAND = ["torchrun", "--module", "jobs.finetune"]  # torchrun reads the runtime's PET_* variables
+PATCH_MANAGER = "asr-ft"  # owner of the TrainJob's runtime patch (volumes, security context, node placement)
+LABEL_NODE_INDEX = "batch.kubernetes.io/job-completion-index"  # the node (0 = global rank 0) of a TrainJob pod
+INSTALL_TRAINER = (
+    "Install Kubeflow Trainer (its controller, the CRDs and the torch-distributed ClusterTrainingRuntime; "
+    "https://www.kubeflow.org/docs/components/trainer/operator-guides/installation/):\n"
+    "  kubectl apply --server-side -k \"https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=<release>\"\n"
+    "  kubectl apply --server-side -k \"https://github.com/kubeflow/trainer.git/manifests/overlays/runtimes?ref=<release>\"\n"
+    "or train on one node: --k8s-nodes 1 (k8s.nodes)."
+)
+
 _QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
 
 
@@ -109,6 +132,15 @@ class K8sSettings(BaseModel):
     active_deadline_seconds: int | None = Field(None, ge=1, description="time limit of each Job")
     gpus: int = Field(1, ge=0, description="GPUs a training node offers the finetune Job (plan input; the plan "
                       "may use fewer, e.g. one for a small data set; 0: train on CPU)")
+    nodes: int = Field(1, ge=1, description="training nodes the finetune step may span (plan input); when the plan "
+                       "uses more than one, finetune runs as a Kubeflow Trainer TrainJob (Kubeflow Trainer must be "
+                       "installed), else as a plain Job")
+    trainer_runtime: str = Field(TRAINER_RUNTIME, description="ClusterTrainingRuntime of a multi-node finetune: a "
+                                 "torchrun runtime (it gives every node PET_* for torchrun)",
+                                 examples=[TRAINER_RUNTIME])
+    deepspeed_runtime: str | None = Field(None, description="ClusterTrainingRuntime when the plan uses DeepSpeed "
+                                          "(default: trainer_runtime; DeepSpeed runs under torchrun)",
+                                          examples=[TRAINER_RUNTIME])
     gpu_memory_gb: float = Field(80.0, gt=0, description="memory of one GPU on the training nodes (plan input)")
     gpu_node_memory_gb: float = Field(125.0, gt=0, description="host RAM of a training node (plan input: offload "
                                       "needs host RAM)")
@@ -225,13 +257,18 @@ class PodResources:
     source: str = ""  # the plan's inputs and choice, for the Job's asr-ft/resources annotation
     setup: dict[str, Any] = field(default_factory=dict)  # the training setup the plan chose (mode, strategy, …)
 
+    @property
+    def nodes(self) -> int:
+        """Nodes the plan trains on (> 1: a TrainJob of ``nodes`` pods, ``gpus`` processes each)."""
+        return int(self.setup.get("nodes", 1))
+
 
 def training_node(k8s: K8sSettings, finetune: dict[str, Any]) -> dict[str, Any]:
     """One training node as k8s describes it (the plan's machine; nothing is detected on this machine)."""
     gpus = 0 if finetune.get("device") == "cpu" else k8s.gpus
     return {"gpus": gpus, "gpu_mem_bytes": int(k8s.gpu_memory_gb * 1e9) if gpus else 0,
             "host_ram_bytes": int(k8s.gpu_node_memory_gb * 1e9), "cpu_count": k8s.gpu_node_cpus,
-            "gpu_name": k8s.gpu_product or "", "bf16_supported": gpus > 0}
+            "gpu_name": k8s.gpu_product or "", "bf16_supported": gpus > 0, "nodes": k8s.nodes if gpus else 1}
 
 
 def finetune_resources(pipeline: dict[str, Any], common: dict[str, Any], k8s: K8sSettings,
@@ -257,10 +294,13 @@ def finetune_resources(pipeline: dict[str, Any], common: dict[str, Any], k8s: K8
         res = PodResources(node["gpus"], stage("finetune").memory, stage("finetune").memory, "2Gi",
                            source=f"defaults, {note}")
     else:
-        log.info("finetune Job: %d GPU, memory %s/%s, /dev/shm %s from the plan (%s, %s, batch %d)", pod.gpus,
+        log.info("finetune %s: %s%d GPU, memory %s/%s, /dev/shm %s from the plan (%s, %s, batch %d)",
+                 "TrainJob" if setup.get("nodes", 1) > 1 else "Job",
+                 f"{setup['nodes']} nodes x " if setup.get("nodes", 1) > 1 else "", pod.gpus,
                  pod.memory_request, pod.memory_limit, pod.shm_size, setup["mode"], setup["strategy"],
                  setup["per_device_batch"])
-        source = (f"{note}: {setup['mode']}, {setup['strategy']}, batch {setup['per_device_batch']} on a node of "
+        nodes = f"{setup['nodes']} of {k8s.nodes} nodes" if k8s.nodes > 1 else "a node"
+        source = (f"{note}: {setup['mode']}, {setup['strategy']}, batch {setup['per_device_batch']} on {nodes} of "
                   f"{node['gpus']} x {k8s.gpu_memory_gb:g} GB GPU, {k8s.gpu_node_memory_gb:g} GB RAM, "
                   f"{k8s.gpu_node_cpus} CPUs")
         res = PodResources(pod.gpus, pod.memory_request, pod.memory_limit, pod.shm_size, str(pod.cpu),
@@ -391,7 +431,68 @@ def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def build_jobs(steps: list[str], pipeline: dict[str, Any], common: dict[str, Any], k8s: K8sSettings,
                store: Store | None = None, namespace: str | None = None) -> list[dict[str, Any]]:
     resources = finetune_resources(pipeline, common, k8s, store) if set(steps) & set(GPU_STEPS) else None
-    return [build_job(s, pipeline, common, k8s, resources, namespace) for s in steps]
+    return [build_trainjob(s, pipeline, common, k8s, resources, namespace)
+            if s in GPU_STEPS and resources is not None and resources.nodes > 1
+            else build_job(s, pipeline, common, k8s, resources, namespace) for s in steps]
+
+
+def trainer_runtime(k8s: K8sSettings, resources: PodResources) -> tuple[str, str]:
+    """(ClusterTrainingRuntime name, why) for a multi-node finetune."""
+    if resources.setup.get("deepspeed"):
+        name = k8s.deepspeed_runtime or k8s.trainer_runtime
+        return name, (f"the plan uses DeepSpeed ({resources.setup.get('strategy')}): k8s.deepspeed_runtime"
+                      + ("" if k8s.deepspeed_runtime else f" unset, the torchrun runtime {name}"))
+    return k8s.trainer_runtime, "k8s.trainer_runtime"
+
+
+def build_trainjob(step: str, pipeline: dict[str, Any], common: dict[str, Any], k8s: K8sSettings,
+                   resources: PodResources, namespace: str | None = None) -> dict[str, Any]:
+    """The ``trainer.kubeflow.org/v1alpha1`` TrainJob of a multi-node finetune: ``resources.nodes`` pods on a
+    torchrun runtime, each running ``torchrun --module jobs.finetune`` with ``resources.gpus`` processes. The
+    container contract is the plain Job's (image, environment, PVC, /tmp, /dev/shm, non-root read-only
+    security context, node placement); what a TrainJob's trainer cannot say goes into a runtime patch."""
+    job = build_job(step, pipeline, common, k8s, resources, namespace)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = list(container["env"])
+    if k8s.s3_secret:  # a TrainJob's trainer has no envFrom: the two keys from the Secret, by name
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": k8s.s3_secret, "key": key, "optional": True}}}
+                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    runtime, why = trainer_runtime(k8s, resources)
+    pod_patch: dict[str, Any] = {
+        "securityContext": pod["securityContext"],
+        "volumes": pod["volumes"],
+        "containers": [{"name": TRAINER_CONTAINER, "securityContext": container["securityContext"],
+                        "volumeMounts": container["volumeMounts"]}],
+    }
+    for key in ("nodeSelector", "tolerations", "imagePullSecrets", "serviceAccountName"):
+        if key in pod:
+            pod_patch[key] = pod[key]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    metadata = json.loads(json.dumps(job["metadata"]))
+    metadata["annotations"][ANNOTATION_COMMAND] = " ".join(TRAINER_COMMAND)
+    metadata["annotations"][ANNOTATION_RESOURCES] = (
+        f"TrainJob on {runtime} ({why}): {resources.nodes} nodes x {resources.gpus} process(es); per node "
+        + metadata["annotations"].get(ANNOTATION_RESOURCES, "").removeprefix("resources from plan: ")
+    )
+    spec: dict[str, Any] = {
+        "runtimeRef": {"name": runtime},
+        "trainer": {
+            "image": container["image"],
+            "command": list(TRAINER_COMMAND),
+            "numNodes": resources.nodes,
+            "numProcPerNode": resources.gpus,
+            "resourcesPerNode": container["resources"],
+            "env": env,
+        },
+        "runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
+            "replicatedJobs": [{"name": TRAINER_CONTAINER, "template": {"spec": {"template": {
+                "metadata": {"labels": dict(labels)}, "spec": pod_patch}}}}]}}}}],
+    }
+    if k8s.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = k8s.active_deadline_seconds
+    return {"apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}", "kind": "TrainJob", "metadata": metadata,
+            "spec": spec}
 
 
 def jobs_yaml(jobs: list[dict[str, Any]], header: str = "") -> str:
@@ -471,6 +572,7 @@ class Cluster:
     core: Any  # kubernetes.client.CoreV1Api
     namespace: str
     k8s: K8sSettings
+    custom: Any = None  # kubernetes.client.CustomObjectsApi (TrainJobs)
 
 
 def connect(k8s: K8sSettings, api_client: Any = None) -> Cluster:
@@ -500,7 +602,8 @@ def connect(k8s: K8sSettings, api_client: Any = None) -> Cluster:
                 "--k8s-context. `--dry-run` prints the Jobs without a cluster."
             ) from None
         api_client = client.ApiClient(cfg)
-    return Cluster(client.BatchV1Api(api_client), client.CoreV1Api(api_client), namespace or "default", k8s)
+    return Cluster(client.BatchV1Api(api_client), client.CoreV1Api(api_client), namespace or "default", k8s,
+                   client.CustomObjectsApi(api_client))
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -673,14 +776,15 @@ def _api_message(e: Any) -> str:
         return ""
 
 
-def _wait_pod_started(cluster: Cluster, step: str, job: Any, seen: set[str]) -> Any:
+def _wait_pod_started(cluster: Cluster, step: str, job: Any, seen: set[str], what: str | None = None,
+                      selector: str | None = None) -> Any:
     """The next pod of this Job (not yet followed) once it runs or has ended; Pending reasons are logged,
-    hopeless ones (image not found, bad config) fail the step."""
-    uid = job.metadata.uid
+    hopeless ones (image not found, bad config) fail the step. ``job`` None: any pod ``selector`` finds."""
+    uid = job.metadata.uid if job is not None else None
     reported: set[str] = set()
 
     def done(kind: str, pod: Any) -> Any:
-        if not _owned_by(pod, uid) or pod.metadata.name in seen:
+        if (uid is not None and not _owned_by(pod, uid)) or pod.metadata.name in seen:
             return None
         phase = pod.status.phase if pod.status else None
         if kind == "DELETED" or phase in ("Running", "Succeeded", "Failed"):
@@ -699,18 +803,18 @@ def _wait_pod_started(cluster: Cluster, step: str, job: Any, seen: set[str]) -> 
                 log.info("%s: pod %s pending: %s", step, pod.metadata.name, waiting.reason)
         return None
 
-    return watch_until(cluster, cluster.core.list_namespaced_pod, f"the pods of Job {job.metadata.name}", done,
-                       label_selector=run_selector(job.metadata.labels[LABEL_RUN_ID], step))
+    return watch_until(cluster, cluster.core.list_namespaced_pod, what or f"the pods of Job {job.metadata.name}",
+                       done, label_selector=selector or run_selector(job.metadata.labels[LABEL_RUN_ID], step))
 
 
-def _follow_log(cluster: Cluster, step: str, pod: Any, tail: deque[str]) -> None:
+def _follow_log(cluster: Cluster, step: str, pod: Any, tail: deque[str], container: str | None = None) -> None:
     """Print the pod's log live, each line prefixed with ``[step]``; keep the last lines in ``tail``."""
     from kubernetes.client.rest import ApiException
 
     name = pod.metadata.name
     try:
-        resp = cluster.core.read_namespaced_pod_log(name, cluster.namespace, container=step, follow=True,
-                                                    _preload_content=False)
+        resp = cluster.core.read_namespaced_pod_log(name, cluster.namespace, container=container or step,
+                                                    follow=True, _preload_content=False)
     except ApiException as e:
         log.warning("%s: cannot read the log of pod %s: %s %s", step, name, e.status, e.reason)
         return
@@ -829,6 +933,149 @@ def _termination_text(pod: Any) -> str:
     return ": ".join(parts)
 
 
+# ------------------------------------------------------------------------------------------------ a TrainJob
+
+
+def check_trainer_installed(cluster: Cluster) -> None:
+    """K8sError with how to install Kubeflow Trainer unless the API server serves TrainJobs (API discovery:
+    readable by every authenticated user, no cluster-wide permission needed)."""
+    from kubernetes.client.rest import ApiException
+
+    try:
+        found = cluster.custom.get_api_resources(TRAINER_GROUP, TRAINER_VERSION)
+    except ApiException as e:
+        if e.status != 404:
+            raise K8sError(f"cannot ask the API server for {TRAINER_GROUP}/{TRAINER_VERSION}: {e.status} "
+                           f"{e.reason}") from None
+        found = None
+    if found is None or TRAINJOBS not in {r.name for r in found.resources or []}:
+        raise K8sError(f"the finetune step may span {cluster.k8s.nodes} nodes (k8s.nodes), which runs it as a "
+                       f"Kubeflow Trainer TrainJob ({TRAINER_GROUP}/{TRAINER_VERSION}), but this cluster has no "
+                       f"TrainJob CRD. {INSTALL_TRAINER}")
+
+
+def _list_trainjobs(cluster: Cluster) -> Callable[..., Any]:
+    """A list function over TrainJobs shaped like the typed APIs' (``.items``, ``.metadata.resource_version``)
+    for ``watch_until``; items are dicts (custom objects have no model classes)."""
+    from types import SimpleNamespace
+
+    def list_trainjobs(namespace: str, **kwargs: Any) -> Any:
+        """:return: object"""  # (watch.Watch reads the return type here: custom objects stay dicts)
+        found = cluster.custom.list_namespaced_custom_object(TRAINER_GROUP, TRAINER_VERSION, namespace, TRAINJOBS,
+                                                             **kwargs)
+        if kwargs.get("watch"):
+            return found
+        return SimpleNamespace(items=[_obj(i) for i in found["items"]],
+                               metadata=SimpleNamespace(resource_version=found["metadata"]["resourceVersion"]))
+
+    return list_trainjobs
+
+
+def _obj(d: Any) -> Any:
+    """A TrainJob dict with attribute access where the shared helpers expect it (metadata.uid / .name)."""
+    from types import SimpleNamespace
+
+    if not isinstance(d, dict):
+        return d
+    meta = d.get("metadata", {})
+    return SimpleNamespace(raw=d, metadata=SimpleNamespace(name=meta.get("name"), uid=meta.get("uid")),
+                           status=d.get("status") or {})
+
+
+def _trainjob_state(tj: Any) -> str | None:
+    for cond in tj.status.get("conditions") or []:
+        if cond.get("status") == "True" and cond.get("type") in OK_CONDITIONS:
+            return "ok"
+        if cond.get("status") == "True" and cond.get("type") in FAILED_CONDITIONS:
+            return "failed"
+    return None
+
+
+def _trainjob_message(tj: Any) -> str:
+    for cond in tj.status.get("conditions") or []:
+        if cond.get("status") == "True" and cond.get("type") in FAILED_CONDITIONS:
+            return f"{cond.get('reason') or cond.get('type')}: {cond.get('message') or ''}".strip()
+    return ""
+
+
+def _ensure_trainjob(cluster: Cluster, body: dict[str, Any], step: str) -> Any:
+    """Create the TrainJob; a finished one of the same name is deleted first, a running one is followed."""
+    from kubernetes.client.rest import ApiException
+
+    name = body["metadata"]["name"]
+    args = (TRAINER_GROUP, TRAINER_VERSION, cluster.namespace, TRAINJOBS)
+    try:
+        old = _obj(cluster.custom.get_namespaced_custom_object(*args, name))
+    except ApiException as e:
+        if e.status != 404:
+            raise K8sError(f"cannot read TrainJob {name}: {e.status} {e.reason}") from None
+        old = None
+    if old is not None:
+        if _trainjob_state(old) is None:
+            log.info("%s: TrainJob %s is still running (an earlier orchestrator started it); following it", step, name)
+            return old
+        log.info("%s: deleting the finished TrainJob %s of an earlier run before re-creating it", step, name)
+        try:
+            cluster.custom.delete_namespaced_custom_object(*args, name, propagation_policy="Background")
+        except ApiException as e:
+            if e.status != 404:
+                raise K8sError(f"cannot delete the old TrainJob {name}: {e.status} {e.reason}") from None
+        watch_until(cluster, _list_trainjobs(cluster), f"TrainJob {name} (deletion)",
+                    lambda kind, j: True if kind == "DELETED" and _obj(j).metadata.uid == old.metadata.uid else None,
+                    on_list=lambda items: None if any(j.metadata.uid == old.metadata.uid for j in items) else True,
+                    field_selector=f"metadata.name={name}")
+    try:
+        return _obj(cluster.custom.create_namespaced_custom_object(*args, body))
+    except ApiException as e:
+        hint = {403: " Check the Role (k8s/rbac.yaml) allows trainjobs create.",
+                404: f" {INSTALL_TRAINER}"}.get(e.status, "")
+        raise K8sError(f"cannot create TrainJob {name} in namespace {cluster.namespace}: {e.status} {e.reason} "
+                       f"{_api_message(e)}{hint}") from None
+
+
+def _failed_pod_message(cluster: Cluster, selector: str) -> str:
+    """The termination message of the pod that failed first (the node whose error stopped the others)."""
+    pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=selector).items
+    failed = [p for p in pods if p.status and p.status.phase == "Failed" and _terminated(p) is not None]
+    if not failed:
+        return ""
+    first = min(failed, key=lambda p: (_terminated(p).finished_at is None, _terminated(p).finished_at or 0))
+    node = (first.metadata.labels or {}).get(LABEL_NODE_INDEX, "?")
+    return f"node {node} (pod {first.metadata.name}) failed first: {_termination_text(first)}"
+
+
+def run_trainjob(cluster: Cluster, step: str, body: dict[str, Any]) -> tuple[int, str, list[str]]:
+    """Create/attach the step's TrainJob, stream node 0's (global rank 0's) log, wait for the TrainJob's
+    Complete / Failed condition: (exit code, the first failed pod's message, last log lines)."""
+    tj = _ensure_trainjob(cluster, body, step)
+    name = tj.metadata.name
+    spec = body["spec"]["trainer"]
+    log.info("%s: TrainJob %s (namespace %s, runtime %s): %d nodes x %d processes", step, name, cluster.namespace,
+             body["spec"]["runtimeRef"]["name"], spec["numNodes"], spec["numProcPerNode"])
+    selector = run_selector(body["metadata"]["labels"][LABEL_RUN_ID], step)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    if _trainjob_state(tj) is None:
+        rank0 = _wait_pod_started(cluster, step, None, set(), f"node 0 of TrainJob {name}",
+                                  f"{selector},{LABEL_NODE_INDEX}=0")
+        if rank0.status and rank0.status.phase != "Pending":
+            _follow_log(cluster, step, rank0, tail, TRAINER_CONTAINER)
+
+        def done(kind: str, j: Any) -> Any:
+            j = _obj(j)
+            if j.metadata.uid != tj.metadata.uid:
+                return None
+            if kind == "DELETED":
+                raise StepFailed(f"TrainJob {name} was deleted while running")
+            return j if _trainjob_state(j) is not None else None
+
+        tj = watch_until(cluster, _list_trainjobs(cluster), f"TrainJob {name}", done,
+                         field_selector=f"metadata.name={name}")
+    if _trainjob_state(tj) == "ok":
+        return EXIT_OK, "", list(tail)
+    message = _failed_pod_message(cluster, selector) or _trainjob_message(tj) or "the TrainJob failed"
+    return EXIT_FAILED, message, list(tail)
+
+
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 
@@ -855,6 +1102,12 @@ def run_k8s(steps: list[str], pipeline: dict[str, Any], common: dict[str, Any], 
     except K8sError as e:
         print(f"asr-ft run: {e}", file=sys.stderr)
         return EXIT_FAILED
+    if k8s.nodes > 1 and set(steps) & set(GPU_STEPS):
+        try:
+            check_trainer_installed(cluster)
+        except K8sError as e:
+            print(f"asr-ft run: {e}", file=sys.stderr)
+            return EXIT_FAILED
     store, where = orchestrator_store(common, k8s)
     if store is None:
         log.warning("%s", where)
@@ -871,7 +1124,10 @@ def run_k8s(steps: list[str], pipeline: dict[str, Any], common: dict[str, Any], 
         t0 = time.perf_counter()
         try:
             body = build_jobs([step], pipeline, common, k8s, store, cluster.namespace)[0]
-            code, message, tail = run_step_job(cluster, step, body)
+            if body["kind"] == "TrainJob":
+                code, message, tail = run_trainjob(cluster, step, body)
+            else:
+                code, message, tail = run_step_job(cluster, step, body)
         except StepFailed as e:
             code, message, tail = e.exit_code, str(e), []
         except K8sError as e:

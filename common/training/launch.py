@@ -19,6 +19,15 @@ argv), they run only the stage body (no second skip check, manifest or output cl
 each rank's return value, or for a failed rank its exception and traceback (``WorkerFailed``).
 
 Backend: ``nccl`` on CUDA, ``gloo`` on CPU (``backend_for``).
+
+Started by an outside launcher instead (``torchrun`` on every node, e.g. by a Kubeflow Trainer TrainJob, whose
+``torch-distributed`` runtime gives each node ``PET_NNODES`` / ``PET_NPROC_PER_NODE`` / ``PET_NODE_RANK`` /
+``PET_MASTER_ADDR`` / ``PET_MASTER_PORT``, which torchrun reads as its flags), the stage process is already one
+rank of the whole world: ``is_worker()``; ``launcher_topology()`` says (nodes, processes per node);
+``join_process_group`` joins the world and ``share_from_rank_zero`` hands rank 0's decisions to every rank:
+
+    join_process_group(device)
+    job = share_from_rank_zero(job if is_rank_zero() else None)
 """
 
 from __future__ import annotations
@@ -43,6 +52,9 @@ WORKER_ENV = {
 }
 # Variables a launcher (torchrun, elastic, a PyTorchJob) sets in a worker: any of them means "already a worker".
 WORKER_MARKERS = ("LOCAL_RANK", "WORLD_SIZE")
+# What a Kubeflow Trainer torch runtime gives each node for torchrun (torchrun reads PET_<FLAG> as --<flag>).
+PET_VARIABLES = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+TORCHRUN_COMMAND = ("torchrun", "--module", "jobs.finetune")  # what a TrainJob node runs
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 RDZV_ENDPOINT = "localhost:0"  # torchrun --standalone: c10d rendezvous on a free local port
 MONITOR_INTERVAL_S = 0.1  # how often the agent polls its workers (a failure stops the others this fast)
@@ -90,6 +102,58 @@ def local_world_size(env: Mapping[str, str] | None = None) -> int:
 def is_rank_zero(env: Mapping[str, str] | None = None) -> bool:
     """The process that writes shared outputs: rank 0 of a launch, or the only process."""
     return worker_rank(env) == 0
+
+
+def launcher_topology(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(nodes, processes per node) of the world an outside launcher started (torchrun's GROUP_WORLD_SIZE and
+    LOCAL_WORLD_SIZE)."""
+    env = os.environ if env is None else env
+    per_node = local_world_size(env)
+    nodes = int(env.get("GROUP_WORLD_SIZE", max(1, worker_world_size(env) // max(1, per_node))))
+    if nodes * per_node != worker_world_size(env):
+        raise ValueError(f"the launcher's world is uneven: WORLD_SIZE {worker_world_size(env)} is not "
+                         f"{nodes} node(s) x LOCAL_WORLD_SIZE {per_node}; start the same number of processes on "
+                         "every node")
+    return nodes, per_node
+
+
+def not_started_by_torchrun(env: Mapping[str, str] | None = None) -> str | None:
+    """Why this process cannot train as given (the PET_* variables of a TrainJob node, but no torchrun around
+    it), or None."""
+    env = os.environ if env is None else env
+    pet = sorted(k for k in PET_VARIABLES if k in env)
+    if pet and not is_worker(env):
+        return (f"{', '.join(pet)} are set (a Kubeflow Trainer node) but this process was not started by torchrun: "
+                f"run `{' '.join(TORCHRUN_COMMAND)}` on every node (torchrun reads the PET_* variables)")
+    return None
+
+
+def join_process_group(device: str) -> None:
+    """Join the launcher's world (env:// rendezvous: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE); on CUDA this
+    rank's GPU first. Small control messages go over gloo, the gradients over nccl on CUDA."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank())
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = backend_for(device)
+    dist.init_process_group(backend=backend)
+    log.info("joined the process group: rank %d of %d (backend %s, master %s:%s)", dist.get_rank(),
+             dist.get_world_size(), backend, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
+
+
+def share_from_rank_zero(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (pickled over the process group; other ranks pass None)."""
+    import torch
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))  # over gloo (join_process_group)
+    return box[0]
 
 
 def needs_launch(world_size: int, env: Mapping[str, str] | None = None) -> bool:

@@ -380,7 +380,8 @@ class Setup(BaseModel):
     strategy: StrategyName
     gradient_checkpointing: bool
     micro_batch: int
-    world_size: int = 1
+    world_size: int = 1  # ranks in all (ZeRO partitions over them)
+    gpus_per_node: int | None = None  # ranks on one node (host RAM is per node); None: all on one node
     precision: Precision = "bf16"
     device: Literal["cuda", "cpu"] = "cuda"
     lora: LoraSpec | None = None
@@ -417,6 +418,7 @@ def estimate(profile: ModelProfile, setup: Setup) -> Estimate:
         trainable,
         strategy=strategy,
         world_size=setup.world_size,
+        gpus_per_node=setup.gpus_per_node,
         precision=setup.precision,
         frozen_bytes=setup.frozen_bytes or (FP32 if setup.precision == "fp32" else HALF),
         largest_layer_params=profile.largest_layer_params,
@@ -438,7 +440,7 @@ def estimate(profile: ModelProfile, setup: Setup) -> Estimate:
         gpu["gradient_activation_overlap"] = -min(forward, gpu["gradients"])
     if strategy.uses_deepspeed:
         gpu["deepspeed_buffers"] = deepspeed_buffer_bytes(profile, strategy)
-    ranks = 1 if on_cpu else setup.world_size
+    ranks = 1 if on_cpu else (setup.gpus_per_node or setup.world_size)  # processes on this node
     host["processes"] = ranks * (HOST_PROCESS_BYTES + setup.dataloader_workers * HOST_WORKER_BYTES)
     if on_cpu:
         # the "device" is the host: model states and activations live in RAM; the model is

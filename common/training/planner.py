@@ -73,6 +73,8 @@ DECISIONS = (
     "data_regime",
     "dataloader_num_workers",
     "world_size",
+    "nodes",
+    "procs_per_node",
     "mode",
     "lora",
     "strategy",
@@ -149,15 +151,16 @@ class PlanError(ValueError):
 
 
 class Resources(BaseModel):
-    """What one node offers the training job."""
+    """What one node offers the training job, and how many such nodes it may use (``nodes``)."""
 
     model_config = ConfigDict(frozen=True)
-    gpus: int = 0
+    gpus: int = 0  # per node
     gpu_mem_bytes: int = 0  # per GPU (the smallest when they differ)
     host_ram_bytes: int
     cpu_count: int = 1
     gpu_name: str | None = None
     bf16_supported: bool = False
+    nodes: int = Field(1, ge=1)  # identical nodes the training may span (multi-node: a Kubeflow TrainJob)
     source: dict[str, str] = Field(default_factory=dict)  # where each number came from
 
 
@@ -265,12 +268,14 @@ def detect_resources(
     cpu_count: int | None = None,
     gpu_name: str | None = None,
     bf16_supported: bool | None = None,
+    nodes: int = 1,
     cgroup_root: Path = Path("/sys/fs/cgroup"),
     proc_self_cgroup: Path = Path("/proc/self/cgroup"),
 ) -> Resources:
     """GPUs (torch.cuda), host RAM = min(physical RAM, cgroup limit), usable CPUs.
 
-    Any argument given replaces the detected value (e.g. planning a Kubernetes pod from outside it).
+    Any argument given replaces the detected value (e.g. planning a Kubernetes pod from outside it); ``nodes``:
+    how many such nodes the training may span (the Kubernetes executor's setting; a stage detects one).
     """
     source: dict[str, str] = {}
     if gpus is None or gpu_mem_bytes is None or gpu_name is None or bf16_supported is None:
@@ -312,6 +317,7 @@ def detect_resources(
         cpu_count=cpu_count,
         gpu_name=gpu_name if gpus else None,
         bf16_supported=bool(bf16_supported) if gpus else False,
+        nodes=nodes,
         source=source,
     )
 
@@ -465,6 +471,14 @@ class Plan(BaseModel):
         return self.value("world_size")
 
     @property
+    def nodes(self) -> int:
+        return self.value("nodes")
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.value("procs_per_node")
+
+    @property
     def mode(self) -> Mode:
         return self.value("mode")
 
@@ -600,6 +614,7 @@ class _Ctx(BaseModel):
     device: Literal["cuda", "cpu"]
     precision: Precision
     world_size: int
+    procs_per_node: int  # ranks on one node (= world_size on one node)
     workers: int
     margin: float
     lora: LoraSpec
@@ -648,6 +663,7 @@ def _evaluate(ctx: _Ctx, mode: Mode, strategy_name: str, ckpt: bool, batch: int)
         gradient_checkpointing=ckpt,
         micro_batch=batch,
         world_size=ctx.world_size,
+        gpus_per_node=ctx.procs_per_node,
         precision=ctx.precision,
         device=ctx.device,
         lora=ctx.lora if mode == "lora" else None,
@@ -855,35 +871,80 @@ def _workers(d: _Decisions, device: str, resources: Resources) -> int:
 
 
 def _world_size(
-    d: _Decisions, device: str, resources: Resources, n_train: int, batch: int | None, accum: int | None
+    d: _Decisions, device: str, resources: Resources, n_train: int, batch: int | None, accum: int | None,
+    launcher: tuple[int, int] | None = None,
 ) -> int:
+    """Ranks in all: never more than the data can feed (the small-data rule, across nodes too); more than one
+    node only in whole nodes. ``launcher``: (nodes, processes per node) an outside launcher already started."""
+    b = batch or 1
+    batches = math.ceil(n_train / b)
+    if launcher is not None:
+        world = launcher[0] * launcher[1]
+        if world > batches:
+            raise PlanError(
+                f"{world} processes were started ({launcher[0]} node(s) x {launcher[1]}) but {n_train} training "
+                f"samples at batch {b} make only {batches} batch(es) per epoch: a rank without a batch hangs the "
+                "others. Start fewer nodes/processes (asr-ft plans that by itself: leave the node count to it)"
+            )
+        return d.decide("world_size", world, f"{launcher[0]} node(s) x {launcher[1]} process(es) started by the "
+                        f"launcher (torchrun / a TrainJob); {n_train} samples give each rank at least one batch")
     if device == "cpu":
         return d.decide("world_size", 1, "CPU training runs in one process")
-    b = batch or 1
     per_step = b * (accum or 1)
+    total_gpus = resources.gpus * resources.nodes
+    where = f"{resources.nodes} nodes x {resources.gpus} GPUs" if resources.nodes > 1 else f"{resources.gpus} GPUs"
     limits = {
-        "GPUs": resources.gpus,
-        f"ceil({n_train} samples / batch {b}) batches per epoch": math.ceil(n_train / b),
+        "GPUs": total_gpus,
+        f"ceil({n_train} samples / batch {b}) batches per epoch": batches,
         f"{n_train} samples // {per_step} samples per rank per optimizer step": max(1, n_train // per_step),
         f"{n_train} samples // {MIN_SAMPLES_PER_RANK} samples per GPU": max(1, n_train // MIN_SAMPLES_PER_RANK),
     }
     world = min(limits.values())
-    if world == resources.gpus:
-        reason = f"all {world} GPU(s): {n_train} samples give every rank at least {MIN_SAMPLES_PER_RANK}"
+    if world == total_gpus:
+        reason = f"all {world} GPU(s) ({where}): {n_train} samples give every rank at least {MIN_SAMPLES_PER_RANK}"
         if world == 1:
             reason = "one GPU available"
     else:
         binding = min(limits, key=limits.__getitem__)
         reason = (
-            f"{n_train} training samples on {resources.gpus} GPUs would leave each rank "
-            f"{n_train / resources.gpus:.1f} samples per epoch; a rank needs at least one full batch and "
+            f"{n_train} training samples on {where} would leave each rank "
+            f"{n_train / total_gpus:.1f} samples per epoch; a rank needs at least one full batch and "
             f"{MIN_SAMPLES_PER_RANK} samples to pay for NCCL start-up and per-step sync (9 samples on 8 GPUs "
             f"hang in NCCL); limit: {binding} -> {world} GPU(s)"
         )
+    if world > resources.gpus > 0 and world % resources.gpus:
+        whole = world // resources.gpus * resources.gpus
+        reason += (f"; more than one node is used in whole nodes (every node runs the same number of processes): "
+                   f"{world} -> {whole}")
+        world = whole
     world = d.decide("world_size", world, reason)
-    if device == "cuda" and not 1 <= world <= max(1, resources.gpus):
-        raise PlanError(f"world_size must be between 1 and {resources.gpus} (GPUs available), got {world}")
+    if device == "cuda" and not 1 <= world <= max(1, total_gpus):
+        raise PlanError(f"world_size must be between 1 and {total_gpus} (GPUs available), got {world}")
     return world
+
+
+def _topology(d: _Decisions, device: str, resources: Resources, world: int,
+              launcher: tuple[int, int] | None) -> tuple[int, int]:
+    """(nodes, processes per node) for ``world`` ranks: one node while the ranks fit on it, else whole nodes."""
+    if launcher is not None:
+        nodes, procs = launcher
+        why = "started by the launcher"
+    elif device == "cpu" or world <= max(1, resources.gpus):
+        nodes, procs = 1, world
+        why = (f"{world} rank(s) fit on one node" + (f": the other {resources.nodes - 1} node(s) are not used"
+                                                     if resources.nodes > 1 else ""))
+    else:
+        nodes, procs = world // resources.gpus, resources.gpus
+        why = (f"{world} ranks do not fit on one node of {resources.gpus} GPUs: {nodes} nodes x {procs} "
+               "processes, one per GPU (a Kubeflow Trainer TrainJob runs them)")
+    nodes = d.decide("nodes", nodes, why)
+    procs = d.decide("procs_per_node", procs, f"{procs} process(es) per node x {nodes} node(s) = {world} ranks")
+    if nodes * procs != world:
+        raise PlanError(f"nodes {nodes} x procs_per_node {procs} must equal world_size {world}; override them "
+                        "together")
+    if nodes > resources.nodes and launcher is None:
+        raise PlanError(f"{nodes} nodes planned but only {resources.nodes} available; set the node count")
+    return nodes, procs
 
 
 def _default_lr(mode: Mode, params: int) -> tuple[float, str]:
@@ -1017,8 +1078,16 @@ def _strategy_reason(ctx: _Ctx, chosen: Candidate) -> str:
         f"{gb(ctx.gpu_budget - chosen.gpu_bytes)} GB); "
         if ctx.device == "cuda" else ""
     )
+    where = ""
+    if ctx.device == "cuda":
+        nodes = ctx.world_size // max(1, ctx.procs_per_node)
+        offload = ("no offload" if chosen.strategy in ("plain", "zero2", "zero3") else
+                   "offload to host RAM")
+        where = (f"{chosen.label.split(',')[0]} of {ctx.profile.total_params / 1e9:.1f} B parameters on "
+                 f"{nodes} x {ctx.procs_per_node} x {gb(ctx.resources.gpu_mem_bytes):g} GB: "
+                 f"{STRATEGY_LABELS[chosen.strategy]}, {offload}; ")
     return (
-        f"fastest setup that fits: {chosen.label}, batch {chosen.per_device_batch}: {gpu_part}"
+        f"{where}fastest setup that fits: {chosen.label}, batch {chosen.per_device_batch}: {gpu_part}"
         f"host {chosen.host_gb} GB of {gb(ctx.host_budget)} GB budget "
         f"({gb(ctx.resources.host_ram_bytes)} GB - {ctx.margin:.0%} margin)"
     )
@@ -1186,7 +1255,7 @@ def _pod(
     d: _Decisions, ctx: _Ctx, chosen: Candidate, batch: int, ckpt_bytes: int, keep: int,
 ) -> PodResources:
     strategy = STRATEGIES[chosen.strategy]
-    world = ctx.world_size if ctx.device == "cuda" else 0
+    world = ctx.procs_per_node if ctx.device == "cuda" else 0  # one pod per node: its own ranks
     loader = ctx.workers * DATALOADER_PREFETCH * batch * ctx.profile.input_bytes_per_sample * max(1, world)
     shm = SHM_BASE_BYTES + loader + (world * SHM_NCCL_BYTES_PER_RANK if world > 1 else 0)
     shm_gib = ceil_gib(shm)
@@ -1295,12 +1364,15 @@ def plan(
     resources: Resources | None = None,
     safety_margin: float = DEFAULT_SAFETY_MARGIN,
     overrides: Mapping[str, Any] | None = None,
+    launcher: tuple[int, int] | None = None,
 ) -> Plan:
     """Plan a fine-tuning run. None means "decide for me"; `overrides` force any decision by name.
 
     n_train: training samples; n_eval: evaluation samples (None: the planner may hold out part of
     n_train; 0: none). The explicit arguments are requests the planner may adapt (e.g. save_steps
     is capped at the total steps, a batch that does not fit is lowered); overrides are final.
+    ``resources.nodes``: identical nodes the run may span; ``launcher``: (nodes, processes per node) when an
+    outside launcher (torchrun, a TrainJob) already started the ranks: the plan takes that world as given.
     """
     if n_train < 1:
         raise PlanError(f"n_train must be >= 1 (training samples), got {n_train}; check the prepare stage output")
@@ -1335,7 +1407,8 @@ def plan(
     eval_strategy = d.value("eval_strategy")
     regime = _regime(d, n_train)
     workers = _workers(d, device, resources)
-    world = _world_size(d, device, resources, n_train, per_device_batch, grad_accum)
+    world = _world_size(d, device, resources, n_train, per_device_batch, grad_accum, launcher)
+    _nodes, procs_per_node = _topology(d, device, resources, world, launcher)
 
     lora_forced = d.forced("lora") or {}
     lora = LoraSpec(
@@ -1352,7 +1425,7 @@ def plan(
             raise PlanError(f"{name} override {forced!r} unknown; choose from {list(DTYPE_BYTES)}")
         forced_bytes[name] = DTYPE_BYTES.get(forced)
     ctx = _Ctx(profile=profile, resources=resources, device=device, precision=prec, world_size=world,
-               workers=workers, margin=safety_margin, lora=lora, frozen_bytes=forced_bytes["frozen_dtype"],
+               procs_per_node=procs_per_node, workers=workers, margin=safety_margin, lora=lora, frozen_bytes=forced_bytes["frozen_dtype"],
                load_bytes=forced_bytes["load_dtype"])
     result, chosen = _memory(d, ctx, mode, per_device_batch, regime, n_train)
     strategy = STRATEGIES[chosen.strategy]

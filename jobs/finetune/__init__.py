@@ -176,8 +176,9 @@ class RankJob:
 
 
 def finetune(ctx: StageContext) -> dict[str, Any]:
-    """The stage body: plan, train (here or in one worker per rank), summary for the manifest."""
-    from common.training.launch import needs_launch
+    """The stage body: plan, train (here, in one worker per rank, or as rank 0 of an outside launcher's world),
+    summary for the manifest."""
+    from common.training.launch import is_worker, launcher_topology, needs_launch
     from common.training.planner import detect_resources
     from jobs.finetune.plan import DATA_FACTS, make_plan, read_json
 
@@ -192,15 +193,21 @@ def finetune(ctx: StageContext) -> dict[str, Any]:
     for r in facts.get("rejected", []):
         log.warning("not training on %s: %s", r["id"], r["reason"])
     resources = detect_resources(gpus=0) if s.device == "cpu" else detect_resources()
-    the_plan, _ = make_plan(s, family, config, facts, resources)
+    outside = is_worker()  # one rank of a world torchrun (e.g. a TrainJob's nodes) started
+    the_plan, _ = make_plan(s, family, config, facts, resources, launcher=launcher_topology() if outside else None)
     launched = needs_launch(the_plan.world_size)
     record_processes(the_plan, launched)
     if note := world_size_note(the_plan):
         log.warning("%s", note)
     write_plan(ctx, the_plan)
 
-    # 2. train: in this process, or one worker process per rank
-    summary = launch(ctx, the_plan, inputs) if launched else train_rank(ctx, RankJob(the_plan, inputs))["summary"]
+    # 2. train: in this process, one worker process per rank, or as rank 0 of the launcher's world
+    if launched:
+        summary = launch(ctx, the_plan, inputs)
+    elif outside:
+        summary = lead_the_world(ctx, the_plan, inputs)
+    else:
+        summary = train_rank(ctx, RankJob(the_plan, inputs))["summary"]
     return {**summary, "total_seconds": round(time.perf_counter() - t_start, 1)}
 
 
@@ -351,17 +358,21 @@ def world_size_note(the_plan: Plan) -> str | None:
 
 def record_processes(the_plan: Plan, launched: bool) -> None:
     """The 'processes' decision: how many training processes, who starts them, which backend."""
-    from common.training.launch import backend_for
+    from common.training.launch import backend_for, is_worker
 
     n = the_plan.world_size
     backend = backend_for(the_plan.device) if n > 1 else None
-    if n == 1:
+    if n == 1 and not is_worker():
         reason = "world_size 1: training in the stage's own process"
+    elif launched:
+        reason = (f"world_size {n}: {n} worker processes started by this stage (torch.distributed elastic, as "
+                  f"torchrun --standalone), backend {backend}; rank 0 writes plan.json, checkpoints and final/")
     else:
-        how = "started by this stage" if launched else "started by an outside launcher"
-        reason = (f"world_size {n}: {n} worker processes {how} (torch.distributed elastic, as torchrun "
-                  f"--standalone), backend {backend}; rank 0 writes plan.json, checkpoints and final/")
-    the_plan.record("processes", {"processes": n, "backend": backend, "launched_by_stage": launched}, reason)
+        reason = (f"world_size {n}: {the_plan.nodes} node(s) x {the_plan.procs_per_node} process(es) started by an "
+                  f"outside launcher (torchrun, e.g. a Kubeflow Trainer TrainJob), backend {backend}; global rank 0 "
+                  "writes plan.json, checkpoints, final/ and the manifest; every rank reads the same inputs")
+    the_plan.record("processes", {"processes": n, "nodes": the_plan.nodes, "backend": backend,
+                                  "launched_by_stage": launched}, reason)
 
 
 def launch(ctx: StageContext, the_plan: Plan, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -399,3 +410,94 @@ def finetune_worker(settings: FinetuneSettings, out: str, job: RankJob) -> dict[
     ctx = StageContext(STAGE, settings, open_store(settings.artifacts, settings.s3), settings.run_id, Path(out))
     result = train_rank(ctx, job)
     return {**result, "uploads": ctx.upload_record()} if is_rank_zero() else result
+
+
+# --- several nodes: an outside launcher (torchrun on every node, e.g. a TrainJob) started the ranks ----------
+
+_shared = {"done": False}  # rank 0 told the other ranks what to do (set by lead_the_world / run_as_rank)
+
+
+def run_as_rank(settings: FinetuneSettings) -> int:
+    """The stage as one rank of a world torchrun started (every node runs ``torchrun --module jobs.finetune``).
+    Global rank 0 runs the stage as usual (skip check, plan, resume decision, manifest) and hands the plan and
+    the resume decision to the other ranks; they train with it and write nothing of the stage's own. A rank
+    that fails fails its node with its error; the others stop when their collectives lose it."""
+    import torch
+
+    from common.core.stage import EXIT_FAILED, EXIT_OK, fail, run_stage
+    from common.core.store import open_store
+    from common.training.launch import (
+        is_rank_zero,
+        join_process_group,
+        setup_worker_logging,
+        share_from_rank_zero,
+        worker_rank,
+        worker_world_size,
+    )
+
+    setup_worker_logging(settings.log_level)
+    device = "cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu"
+    join_process_group(device)
+    if is_rank_zero():
+        code = run_stage(STAGE, settings, lambda store: finetune_inputs(settings, store), finetune)
+        if not _shared["done"]:  # skipped (already done) or failed before training: release the others
+            share_from_rank_zero({"action": "skip" if code == EXIT_OK else "stop"})
+        return code
+    order = share_from_rank_zero(None)
+    if order["action"] == "skip":
+        log.info("%s: rank 0 found the stage done; nothing to train", STAGE)
+        return EXIT_OK
+    if order["action"] == "stop":
+        return fail(STAGE, f"rank {worker_rank()}: rank 0 failed before training (its log says why)", EXIT_FAILED)
+    rank = worker_rank()
+    try:
+        out = Path(order["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(STAGE, settings, open_store(settings.artifacts, settings.s3), settings.run_id, out)
+        bring_checkpoint_to_this_node(ctx, order["job"])
+        result = train_rank(ctx, order["job"])
+    except StageFailed as e:
+        return fail(STAGE, f"rank {rank} of {worker_world_size()}: {e}", e.exit_code)
+    except Exception as e:  # the rank's own error, whole, in its node's log and termination message
+        log.exception("rank %d failed", rank)
+        return fail(STAGE, f"rank {rank} of {worker_world_size()}: {type(e).__name__}: {e}", EXIT_FAILED)
+    log.info("rank %d done: %d steps, train loss %s", rank, result["global_step"], result["train_loss"])
+    return EXIT_OK
+
+
+def lead_the_world(ctx: StageContext, the_plan: Plan, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 of an outside launcher's world: decide the resume once, hand plan + resume to every rank, train."""
+    from common.training.launch import share_from_rank_zero, worker_world_size
+    from jobs.finetune.resume import checkpoint_to_resume, run_signature
+
+    resume = checkpoint_to_resume(ctx, run_signature(ctx, the_plan, inputs, "trainer"))
+    job = RankJob(plan=the_plan, inputs=inputs, launched=True, resume=resume)
+    share_from_rank_zero({"action": "train", "job": job, "out": str(ctx.out)})
+    _shared["done"] = True
+    bring_checkpoint_to_this_node(ctx, job)
+    try:
+        result = train_rank(ctx, job)
+    except StageFailed:
+        raise
+    except Exception as e:  # e.g. a collective that lost a rank: say so, the failed rank's node says why
+        log.exception("rank 0 failed")
+        raise StageFailed(f"rank 0 of {worker_world_size()}: {type(e).__name__}: {e} (when another rank failed "
+                          "first, its node's log has the cause)") from None
+    summary = result["summary"]
+    summary["nodes"] = the_plan.nodes
+    summary["procs_per_node"] = the_plan.procs_per_node
+    return summary
+
+
+def bring_checkpoint_to_this_node(ctx: StageContext, job: RankJob) -> None:
+    """Every rank resumes from the same checkpoint folder path: on a shared volume it is there already; with S3
+    artifacts each node's first process downloads it into the same staging path (rank 0's node has it).
+    All ranks wait for that here (a barrier), so no rank reads a half-downloaded checkpoint."""
+    import torch.distributed as dist
+
+    from common.training.launch import local_rank, worker_rank
+    from jobs.finetune.resume import restore_from_store
+
+    if job.resume is not None and worker_rank() != 0 and local_rank() == 0 and not job.resume.is_dir():
+        restore_from_store(ctx, "trainer")
+    dist.barrier()

@@ -13,14 +13,19 @@ Reads <run>/extract/ (records, data_facts.json, the feature cache) and <run>/pre
 family in provenance.json); writes <run>/finetune/: plan.json (before any weight is loaded), checkpoints/
 checkpoint-N/, tensorboard/, trainer_state.json, final/ (the family's model folder; whisper: a plain Hugging
 Face Whisper folder, LoRA merged). Interrupted? Run the same command again: it resumes from the last checkpoint.
+
+Several machines: every node runs `torchrun --module jobs.finetune [flags]` (a Kubeflow Trainer TrainJob does
+this, its torch runtime giving torchrun PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR,
+PET_MASTER_PORT); each process is one rank, global rank 0 plans and writes the stage's outputs.
 """
 
 from __future__ import annotations
 
 import sys
 
-from common.core.stage import EXIT_BAD_INPUT, run_stage, stage_main
-from jobs.finetune import STAGE, FinetuneSettings, finetune, finetune_inputs
+from common.core.stage import EXIT_BAD_INPUT, fail, run_stage, setup_logging, stage_main
+from common.training.launch import is_worker, not_started_by_torchrun
+from jobs.finetune import STAGE, FinetuneSettings, finetune, finetune_inputs, run_as_rank
 
 EXAMPLES = """examples:
   asr-ft finetune --run-id demo                                   # every choice by the planner
@@ -36,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = stage_main(FinetuneSettings, argv, __doc__, EXAMPLES)
     if settings is None:
         return EXIT_BAD_INPUT
+    if why := not_started_by_torchrun():
+        setup_logging(settings.log_level)
+        return fail(STAGE, why, EXIT_BAD_INPUT)
+    if is_worker():  # one rank of a world torchrun started (several nodes: a Kubeflow Trainer TrainJob)
+        return run_as_rank(settings)
     return run_stage(STAGE, settings, lambda store: finetune_inputs(settings, store), finetune)
 
 

@@ -85,9 +85,10 @@ def plan_request(s: Any, fp32_weights: bool = True) -> PlanRequest:
 
 
 def make_plan(s: Any, family: ModelFamily, config: Mapping[str, Any], facts: Mapping[str, Any],
-              resources: Any) -> tuple[Plan, Planning]:
-    """(plan, the family's planning) for these settings, model, data and machine; StageFailed (exit 2) when
-    nothing can be planned, with the planner's reason."""
+              resources: Any, launcher: tuple[int, int] | None = None) -> tuple[Plan, Planning]:
+    """(plan, the family's planning) for these settings, model, data and machine(s); StageFailed (exit 2) when
+    nothing can be planned, with the planner's reason. ``launcher``: (nodes, processes per node) when an
+    outside launcher started the ranks."""
     from common.training.planner import PlanError, plan
 
     if s.device == "cuda" and resources.gpus == 0:
@@ -98,7 +99,7 @@ def make_plan(s: Any, family: ModelFamily, config: Mapping[str, Any], facts: Map
     try:
         planning = family.planning(config, facts, s.model_dump())
         request = plan_request(s, planning.fp32_weights)
-        the_plan = plan(planning.profile, n_train=planning.n_samples, resources=resources,
+        the_plan = plan(planning.profile, n_train=planning.n_samples, resources=resources, launcher=launcher,
                         **request.model_dump())
     except (PlanError, FamilyError) as e:
         raise StageFailed(f"cannot plan the training: {e}", exit_code=2) from None
@@ -136,6 +137,7 @@ def training_pod(settings: Any, family: ModelFamily, config: Mapping[str, Any], 
 def setup_of(the_plan: Plan) -> dict[str, Any]:
     """The choices that make a training setup (compared between the executor's plan and the pod's)."""
     return {"mode": the_plan.mode, "strategy": the_plan.strategy, "world_size": the_plan.world_size,
+            "nodes": the_plan.nodes, "procs_per_node": the_plan.procs_per_node,
             "per_device_batch": the_plan.per_device_batch, "grad_accum": the_plan.grad_accum,
             "gradient_checkpointing": the_plan.gradient_checkpointing, "precision": the_plan.precision,
             "lora": the_plan.value("lora"), "deepspeed": bool(the_plan.deepspeed_config)}

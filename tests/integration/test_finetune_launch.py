@@ -50,7 +50,7 @@ def test_two_gloo_workers_train_through_the_stage(run_dirs, capfd):
     assert values["world_size"] == 2 and values["max_steps"] == MAX_STEPS and values["device"] == "cpu"
     reasons = {d["name"]: d["reason"] for d in plan["decisions"]}
     assert values["world_size"] == 2 and values["fast_path"] is False
-    assert values["processes"] == {"processes": 2, "backend": "gloo", "launched_by_stage": True}
+    assert values["processes"] == {"processes": 2, "nodes": 1, "backend": "gloo", "launched_by_stage": True}
     assert "2 worker processes started by this stage" in reasons["processes"]
 
     summary = json.loads((out / MANIFEST).read_text())["summary"]

@@ -35,6 +35,7 @@ RBAC_RULES = {
     ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},
+    ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "delete"},  # multi-node finetune
 }
 S3_CREDENTIALS = {"accessKeyId": "AKIATESTONLY0000", "secretAccessKey": "test-secret-do-not-use-0000"}
 
@@ -432,3 +433,30 @@ def test_serve_values_are_checked(chart, values, where):
     with pytest.raises(helm.HelmValuesError) as err:
         chart.validate_schema(chart.merge_values(values))
     assert where in str(err.value)
+def test_multi_node_values_make_a_valid_trainjob(chart, tmp_path):
+    """values k8s.nodes / gpus / trainer_runtime → ConfigMap → the executor's finetune step: a TrainJob that the
+    real TrainJob CRD accepts (Kimi-Audio-7B full fine-tune on 2 nodes x 8 GPUs)."""
+    import sys
+
+    from common.executors.k8s import build_jobs
+    from jobs.run.__main__ import RunSettings
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from k8s_crds import errors
+
+    values = {"k8s": {"nodes": 2, "gpus": 8, "gpu_node_memory_gb": 250, "gpu_node_cpus": 64,
+                      "trainer_runtime": "torch-distributed"},
+              "pipeline": {"pretrained": {"model": "/artifacts/models/Kimi-Audio-7B", "family": "kimi-audio"},
+                           "finetune": {"mode": "full", "epochs": 3, "lr": None, "batch": None, "context_seconds": None,
+                                        "merge_alpha_encoder": None, "merge_alpha_decoder": None}}}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(by_kind(render(chart, values))["ConfigMap"]["data"]["pipeline.yaml"])
+    run = load_settings(RunSettings, {}, path)
+    pipeline = load_pipeline(path)
+    common = {k: getattr(run, k) for k in COMMON_FIELDS if k != "s3"} | {"force": None, "s3": dict(run.s3)}
+    (tj,) = build_jobs(["finetune"], pipeline, common, run.k8s, None, NAMESPACE)
+    assert tj["kind"] == "TrainJob" and errors(tj) == []
+    trainer = tj["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 8)
+    assert tj["spec"]["runtimeRef"] == {"name": "torch-distributed"}
+    assert trainer["image"] == "ghcr.io/asr-ft/asr-ft:0.1.0-cuda"

@@ -214,3 +214,44 @@ def test_resume_takes_only_its_own_kind_of_checkpoint(tmp_path, files, fast_path
     assert checkpoint_to_resume(ctx, same) == (ckpt if resumes else None)
     if resumes:  # the other loop never resumes it: it starts over and clears the folder
         assert checkpoint_to_resume(ctx, other) is None and not ckpt.exists()
+
+
+# --- started by an outside launcher (torchrun on every node, e.g. a Kubeflow Trainer TrainJob) ----------------
+
+
+@pytest.mark.parametrize(
+    ("env", "topology"),
+    [
+        ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "GROUP_WORLD_SIZE": "2", "LOCAL_RANK": "3"}, (2, 8)),
+        ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "2", "LOCAL_RANK": "0"}, (2, 1)),
+        ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "0"}, (1, 4)),  # no GROUP_WORLD_SIZE: derived
+    ],
+)
+def test_launcher_topology(env, topology):
+    from common.training.launch import launcher_topology
+
+    assert launcher_topology(env) == topology
+
+
+def test_uneven_launcher_world_is_refused():
+    from common.training.launch import launcher_topology
+
+    with pytest.raises(ValueError, match="same number of processes on every node"):
+        launcher_topology({"WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"PET_NNODES": "2", "PET_NODE_RANK": "1"}, "PET_NNODES, PET_NODE_RANK are set"),  # a TrainJob node, no torchrun
+        ({"PET_NNODES": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}, None),  # torchrun's worker: fine
+        ({}, None),
+    ],
+)
+def test_a_trainjob_node_must_start_the_stage_through_torchrun(env, problem):
+    from common.training.launch import not_started_by_torchrun
+
+    why = not_started_by_torchrun(env)
+    assert (why is None) == (problem is None)
+    if problem:
+        assert problem in why and "torchrun --module jobs.finetune" in why

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import types
 
 import pytest
@@ -51,9 +52,9 @@ PROFILES = {
 }
 
 
-def gpus(n, mem=H100, host=125 * GB, cpus=16):
+def gpus(n, mem=H100, host=125 * GB, cpus=16, nodes=1):
     return Resources(gpus=n, gpu_mem_bytes=mem, host_ram_bytes=host, cpu_count=cpus, bf16_supported=n > 0,
-                     gpu_name="NVIDIA H100 80GB HBM3" if n else None)
+                     gpu_name="NVIDIA H100 80GB HBM3" if n else None, nodes=nodes)
 
 
 def cpu_only(host=23 * GB, cpus=2):
@@ -108,6 +109,74 @@ def test_planner_grid(model, resources, n_train, batch, expected):
     for c in p.candidates[: p.candidates.index(chosen)]:
         assert not c.fits or c.max_fitting_batch is not None
         assert c.note
+
+
+# --- more than one node ------------------------------------------------------------------------------
+
+# model, nodes x GPUs (80 GB) and host RAM per node, n_train, mode, batch -> nodes, processes per node, mode, strategy
+MULTI_NODE = [
+    # the small-data rule across nodes: 9 samples on 2 x 8 GPUs -> 1 node, 1 GPU
+    ("whisper-base", gpus(8, nodes=2), 9, "auto", 1, (1, 1, "full", "plain")),
+    # Kimi-Audio full fine-tune, 250 GB of host RAM per node: ZeRO-3 without offload on 1 x 8 and on 2 x 8
+    # (ZeRO-2 would load the model once per rank: 8 x 20 GB x 1.5 of host RAM)
+    ("kimi-10b", gpus(8, host=250 * GB), 10000, "full", 1, (1, 8, "full", "zero3")),
+    ("kimi-10b", gpus(8, host=250 * GB, nodes=2), 10000, "full", 1, (2, 8, "full", "zero3")),
+    # ... with 1000 GB per node ZeRO-2 fits on one node and on two
+    ("kimi-10b", gpus(8, host=1000 * GB), 10000, "full", 1, (1, 8, "full", "zero2")),
+    ("kimi-10b", gpus(8, host=1000 * GB, nodes=2), 10000, "full", 1, (2, 8, "full", "zero2")),
+    # Whisper large-v3 on 2 x 8: DDP over 16 GPUs when the data feeds them ...
+    ("whisper-large-v3", gpus(8, host=1000 * GB, nodes=2), 20000, "auto", None, (2, 8, "full", "plain")),
+    # ... 400 samples feed 12 ranks: more than one node only in whole nodes -> one node of 8
+    ("whisper-large-v3", gpus(8, host=1000 * GB, nodes=2), 400, "auto", None, (1, 8, "full", "plain")),
+]
+
+
+@pytest.mark.parametrize("model, resources, n_train, mode, batch, expected", MULTI_NODE,
+                         ids=[f"{m[0]}-{m[1].nodes}x{m[1].gpus}-{m[1].host_ram_bytes // GB}GB-n{m[2]}" for m in MULTI_NODE])
+def test_planner_plans_nodes(model, resources, n_train, mode, batch, expected):
+    p = plan(PROFILES[model], n_train=n_train, mode=mode, per_device_batch=batch, resources=resources)
+    assert (p.nodes, p.procs_per_node, p.mode, p.strategy) == expected
+    assert p.world_size == p.nodes * p.procs_per_node
+    assert p.pod.gpus == p.procs_per_node  # one pod per node, one GPU per process
+    assert p.chosen.gpu_bytes <= resources.gpu_mem_bytes * 0.9 and p.chosen.host_bytes <= resources.host_ram_bytes * 0.9
+    strategy = p.decision("strategy").reason
+    assert f"on {p.nodes} x {p.procs_per_node} x 85.5 GB" in strategy  # the topology and ...
+    offload = "offload" in p.strategy
+    assert ("no offload" in strategy) is not offload  # ... the ZeRO stage and offload, with why
+    assert p.decision("nodes").reason
+
+
+def test_two_nodes_halve_the_partitioned_states_per_gpu_but_not_the_host_ram_per_node():
+    one = plan(PROFILES["kimi-10b"], n_train=10000, mode="full", per_device_batch=1, resources=gpus(8, host=250 * GB))
+    two = plan(PROFILES["kimi-10b"], n_train=10000, mode="full", per_device_batch=1,
+               resources=gpus(8, host=250 * GB, nodes=2))
+    assert two.chosen.gpu_breakdown["optimizer"] * 2 == pytest.approx(one.chosen.gpu_breakdown["optimizer"], rel=1e-6)
+    assert two.chosen.host_bytes == one.chosen.host_bytes  # 8 processes per node either way
+    assert "full fine-tune of 9.8 B parameters on 2 x 8 x 85.5 GB: ZeRO-3, no offload" in two.decision("strategy").reason
+    assert "2 nodes x 8 processes" in two.decision("nodes").reason
+
+
+def test_small_data_on_two_nodes_names_the_rule():
+    p = plan(PROFILES["whisper-base"], n_train=9, per_device_batch=1, resources=gpus(8, nodes=2))
+    assert "9 training samples on 2 nodes x 8 GPUs" in p.decision("world_size").reason
+    assert "the other 1 node(s) are not used" in p.decision("nodes").reason
+
+
+@pytest.mark.parametrize(
+    ("launcher", "n_train", "batch", "error"),
+    [((2, 1), 8, 2, None), ((2, 4), 64, 2, None),
+     ((2, 4), 9, 2, "8 processes were started (2 node(s) x 4) but 9 training samples at batch 2 make only 5")],
+)
+def test_a_world_started_by_torchrun_is_taken_as_given_unless_the_data_cannot_feed_it(launcher, n_train, batch, error):
+    """The finetune stage under torchrun (a TrainJob's nodes): the plan takes the launcher's world, on CPU too,
+    but never more ranks than batches."""
+    if error:
+        with pytest.raises(PlanError, match=re.escape(error)):
+            plan(PROFILES["tiny"], n_train=n_train, per_device_batch=batch, resources=cpu_only(), launcher=launcher)
+        return
+    p = plan(PROFILES["tiny"], n_train=n_train, per_device_batch=batch, resources=cpu_only(), launcher=launcher)
+    assert (p.nodes, p.procs_per_node, p.world_size) == (*launcher, launcher[0] * launcher[1])
+    assert "started by the launcher" in p.decision("nodes").reason
 
 
 def test_seed_ten_billion_on_one_gpu_explains_the_host_ram():
