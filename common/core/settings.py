@@ -61,6 +61,17 @@ class S3Settings(BaseModel):
     secret_access_key: SecretStr | None = Field(None, description="secret key (prefer a Secret)")
     session_token: SecretStr | None = Field(None, description="session token for temporary credentials")
     addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="bucket addressing style")
+    retry_seconds: float = Field(
+        600.0, gt=0, description="how long one S3 operation keeps retrying through an outage (adaptive retries, "
+        "backing off) before the stage fails; a checkpoint upload waits that long while training pauses",
+        examples=[600, 60],
+    )
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to wait for a connection to the S3 endpoint")
+    read_timeout: float = Field(60.0, gt=0, description="seconds to wait for an S3 response (a hung endpoint)")
+    lease_seconds: float = Field(
+        300.0, ge=5, description="the run lock on S3: a holder that has not renewed it for this long (a killed "
+        "pod) is taken over by the next run", examples=[300],
+    )
 
 
 class StageSettings(BaseSettings):

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.core import preempt
 from common.core.stage import StageContext, StageFailed
 from common.core.store import atomic_write_bytes
 from common.families import Built, ModelFamily
@@ -46,6 +47,29 @@ def regroup_each_epoch(dataset):
             dataset.set_epoch(int(state.epoch or 0))
 
     return _Regroup()
+
+
+def stop_when_asked():
+    """Trainer callback: after a SIGTERM / SIGINT, end training at the end of the current step with a checkpoint."""
+    from transformers import TrainerCallback
+
+    class _Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if preempt.requested() is not None:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return _Stop()
+
+
+def stopped_by_signal(ctx: StageContext, global_step: int) -> None:
+    """After a loop returned: if a signal stopped it, log the checkpoint it saved and stop the stage (exit 143/130)."""
+    if preempt.requested() is None:
+        return
+    saved = ctx.out / CHECKPOINTS / f"{ckpts.PREFIX}{global_step}"
+    log.warning("stopped at step %d; checkpoint saved: %s (a re-run resumes from it)", global_step, saved)
+    preempt.raise_preempted(f"stopped by a signal at step {global_step}, checkpoint {saved.name} saved")
 
 
 def fast_path_decision(fast_path: str, the_plan: Plan, trainee: Any, built: Built) -> tuple[bool, str]:
@@ -113,10 +137,12 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Plan, built: B
     with environment(rendezvous):
         args = Seq2SeqTrainingArguments(**kwargs)
         rank_zero = is_rank_zero()
+        callbacks = [stop_when_asked()] + ([regroup_each_epoch(built.train)] if built.regroup_each_epoch else [])
         trainer = make_trainer(trainee, args, built.train, built.collator, on_save=ctx.sync if rank_zero else None,
-                               eval_dataset=built.eval,
-                               callbacks=[regroup_each_epoch(built.train)] if built.regroup_each_epoch else [])
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                               eval_dataset=built.eval, callbacks=callbacks)
+        with preempt.deferred():  # SIGTERM / SIGINT: finish the step, save a checkpoint, stop (stop_when_asked)
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    stopped_by_signal(ctx, trainer.state.global_step)
     if rank_zero:
         trainer.state.save_to_json(str(ctx.out / "trainer_state.json"))
     if the_plan.deepspeed_config:
@@ -138,11 +164,13 @@ def train_with_fast_path(ctx: StageContext, trainee: Any, the_plan: Plan, built:
     """common.training.fast_train on one GPU; its checkpoints go where the Trainer's would (checkpoints/checkpoint-N)."""
     from common.training.fast_train import FastOptions, train_fast
 
-    result = train_fast(
-        trainee, built.train, built.collator, the_plan.schedule, ctx.out / CHECKPOINTS,
-        on_checkpoint=lambda _path: ctx.sync(), resume_from=resume, eval_dataset=built.eval,
-        options=FastOptions(seed=ctx.settings.seed, tensorboard_dir=str(ctx.out / TENSORBOARD)),
-    )
+    with preempt.deferred():  # SIGTERM / SIGINT: train_fast saves a checkpoint after the current step and returns
+        result = train_fast(
+            trainee, built.train, built.collator, the_plan.schedule, ctx.out / CHECKPOINTS,
+            on_checkpoint=lambda _path: ctx.sync(), resume_from=resume, eval_dataset=built.eval,
+            options=FastOptions(seed=ctx.settings.seed, tensorboard_dir=str(ctx.out / TENSORBOARD)),
+        )
+    stopped_by_signal(ctx, result["global_step"])
     state = {"global_step": result["global_step"], "max_steps": result["max_steps"],
              "log_history": result["log_history"], "fast_path": True}
     atomic_write_bytes(ctx.out / "trainer_state.json", json.dumps(state, indent=1, ensure_ascii=False).encode())
