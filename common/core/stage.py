@@ -28,7 +28,7 @@ from common.core.faults import fault_point
 from common.core.faults import set_scope as set_fault_scope
 from common.core.preempt import Preempted, stop_signals
 from common.core.runlock import RunLocked, run_lock
-from common.core.settings import StageSettings, fingerprint_fields, redacted
+from common.core.settings import SECRET_MASK, StageSettings, fingerprint_fields, redacted, secret_values
 from common.core.store import S3Store, Store, StoreError, atomic_write_bytes, open_store, sha256_file
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,21 @@ def cache_dir() -> Path:
 
 
 _LOG_HANDLER = "asr-ft"
+_SECRETS: set[str] = set()  # secret values masked in every log line (register_secrets)
+
+
+def register_secrets(values: set[str]) -> None:
+    """Mask these strings in every line the console handler writes (DEBUG output of boto3 & co. included)."""
+    _SECRETS.update(v for v in values if v)
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in sorted(_SECRETS, key=len, reverse=True):
+            if secret in text:
+                text = text.replace(secret, SECRET_MASK)
+        return text
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -74,7 +89,8 @@ def setup_logging(level: str = "INFO") -> None:
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_LOG_HANDLER)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    register_secrets(secret_values())  # secret-looking environment variables (AWS_SECRET_ACCESS_KEY, ...)
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level))
 
@@ -217,6 +233,7 @@ def run_stage(
     Every failure ends as one logged message and the stage contract's exit code (1 failed, 2 bad input,
     143/130 stopped by SIGTERM/SIGINT); the traceback only with --log-level DEBUG."""
     setup_logging(settings.log_level)
+    register_secrets(secret_values(settings))
     set_fault_scope(stage)
     log.info("%s settings: %s", stage, json.dumps(redacted(settings), ensure_ascii=False))
     try:
