@@ -621,7 +621,9 @@ def _to_device(batch: Mapping[str, Any], device: Any, dtype: Any) -> dict[str, A
 
 def _stop_requested() -> bool:
     from common.core import preempt
+    from common.core.faults import fault_point
 
+    fault_point("train.step_end")  # where the tests preempt training (ASRFT_FAULT=train.step_end:term:N)
     return preempt.requested() is not None
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.core import preempt
+from common.core.faults import fault_point
 from common.core.stage import StageContext, StageFailed
 from common.core.store import atomic_write_bytes
 from common.families import Built, ModelFamily
@@ -55,6 +56,7 @@ def stop_when_asked():
 
     class _Stop(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            fault_point("train.step_end")  # where the tests preempt training (ASRFT_FAULT=train.step_end:term:N)
             if preempt.requested() is not None:
                 control.should_save = True
                 control.should_training_stop = True
