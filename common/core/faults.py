@@ -12,6 +12,7 @@ one dictionary look-up. With the environment variable set, the named point misbe
             (``finetune/checkpoint.before_marker``, ``prepare/*``)
     ACTION  kill    SIGKILL this process (a crash: nothing runs after it)
             term    SIGTERM this process (a preemption: handlers run)
+            stop    SIGSTOP this process (frozen right there until SIGCONT: a test acts meanwhile)
             enospc  raise OSError(ENOSPC) (a full disk)
             eio     raise OSError(EIO) (a failing disk or network file system)
     NTH     act at the NTH time the point is reached (default 1)
@@ -30,7 +31,7 @@ import signal
 
 ENV = "ASRFT_FAULT"
 TRACE_ENV = "ASRFT_FAULT_TRACE"
-ACTIONS = ("kill", "term", "enospc", "eio")
+ACTIONS = ("kill", "term", "stop", "enospc", "eio")
 
 _hits: dict[str, int] = {}
 _scope = ""  # the stage this process runs (set_scope), prefixed to point names
@@ -79,6 +80,8 @@ def _act(name: str, action: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "term":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
     elif action == "eio":
