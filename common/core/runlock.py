@@ -132,22 +132,33 @@ class _S3Lease:
         return self.client.put_object(Bucket=self.bucket, Key=self.full, Body=json.dumps(self.info).encode(),
                                       ContentType="application/json", **condition)["ETag"]
 
-    def acquire(self, parent: str | None) -> str:
+    def _call(self, what: str, fn) -> tuple[str, Any]:
+        """``fn()`` through the store's retries (outages); ("ok", result), ("conflict", None) when a condition
+        failed (someone else's lease), ("missing", None) when the object is gone."""
         from botocore.exceptions import ClientError
 
-        for _attempt in range(3):
+        def call() -> tuple[str, Any]:
             try:
-                self.etag = self._put(IfNoneMatch="*")
-                break
+                return "ok", fn()
             except ClientError as e:
-                if _code(e) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                    raise
-            try:
-                got = self.client.get_object(Bucket=self.bucket, Key=self.full)
-            except ClientError as e:
-                if _code(e) in ("NoSuchKey", "404"):
-                    continue  # released meanwhile: try to create it again
+                if _code(e) in CONFLICT:
+                    return "conflict", None
+                if _code(e) in MISSING:
+                    return "missing", None
                 raise
+
+        return self.store._retry(what, self.key, call)
+
+    def acquire(self, parent: str | None) -> str:
+        for _attempt in range(3):
+            status, etag = self._call("PUT of the run lock", lambda: self._put(IfNoneMatch="*"))
+            if status == "ok":
+                self.etag = etag
+                break
+            status, got = self._call("GET of the run lock", lambda: self.client.get_object(
+                Bucket=self.bucket, Key=self.full))
+            if status != "ok":
+                continue  # released meanwhile: try to create it again
             try:
                 held = json.loads(got["Body"].read())
             except ValueError:
@@ -159,13 +170,11 @@ class _S3Lease:
             log.warning("taking over the stale lock %s of %s (not renewed since it expired at %s)",
                         self.store.uri_for(self.key), held.get("stage", "?"),
                         datetime.fromtimestamp(held.get("expires_epoch", 0), UTC).isoformat(timespec="seconds"))
-            try:
-                self.etag = self._put(IfMatch=got["ETag"])
+            status, etag = self._call("PUT of the run lock", lambda got=got: self._put(IfMatch=got["ETag"]))
+            if status == "ok":
+                self.etag = etag
                 break
-            except ClientError as e:
-                if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
-                    continue  # someone else took it over (or released it) first: look again
-                raise
+            # someone else took it over (or released it) first: look again
         else:
             raise _refusal(self.run_id, self.store.uri_for(self.key), {})
         self._thread = threading.Thread(target=self._heartbeat, name="asr-ft-lease", daemon=True)
@@ -191,10 +200,17 @@ class _S3Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        with contextlib.suppress(Exception):
+        try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.full)
             if head["ETag"] == self.etag:  # still ours
                 self.client.delete_object(Bucket=self.bucket, Key=self.full)
+        except Exception as e:  # noqa: BLE001 - an outage at the end: the lease expires on its own
+            log.warning("could not remove the run lock %s (%s); the next run can take it over after %.0f s",
+                        self.store.uri_for(self.key), str(e)[:200], self.ttl)
+
+
+CONFLICT = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+MISSING = ("NoSuchKey", "404", "NotFound")
 
 
 def _code(err) -> str:

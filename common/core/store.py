@@ -240,31 +240,30 @@ class S3Store(Store):
         """Multipart upload from a stream; aborted on any error, so no partial object is ever visible."""
         fault_point("store.put")
         k = self._k(key)
-        try:
-            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=k)["UploadId"]
-        except _boto_errors() as e:
-            raise self._wrap(e, key, "multipart upload") from None
+        upload_id = self._retry("start of a multipart upload", key, lambda: self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=k)["UploadId"])
         parts = []
         try:
             number = 1
-            while chunk := _read_full(stream, CHUNK):
-                etag = self.client.upload_part(
-                    Bucket=self.bucket, Key=k, UploadId=upload_id, PartNumber=number, Body=chunk
-                )["ETag"]
+            while True:
+                chunk = _read_full(stream, CHUNK)
+                if not chunk and parts:
+                    break
+                # each part is retried on its own through an outage (S3 needs at least one part, maybe empty)
+                etag = self._retry(f"upload of part {number}", key, lambda chunk=chunk, number=number:
+                                   self.client.upload_part(Bucket=self.bucket, Key=k, UploadId=upload_id,
+                                                           PartNumber=number, Body=chunk)["ETag"])
                 parts.append({"ETag": etag, "PartNumber": number})
                 number += 1
-            if not parts:  # S3 needs at least one part
-                etag = self.client.upload_part(Bucket=self.bucket, Key=k, UploadId=upload_id, PartNumber=1, Body=b"")["ETag"]
-                parts.append({"ETag": etag, "PartNumber": 1})
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=k, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
-        except BaseException as e:
-            with contextlib.suppress(StoreError):
+                if not chunk:
+                    break
+            fault_point("store.complete_multipart")
+            self._retry("completion of the multipart upload", key, lambda: self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=k, UploadId=upload_id, MultipartUpload={"Parts": parts}))
+        except BaseException:
+            with contextlib.suppress(StoreError):  # if this fails too, the next stage of the run aborts it
                 self._retry("abort of the multipart upload", key,
                             lambda: self.client.abort_multipart_upload(Bucket=self.bucket, Key=k, UploadId=upload_id))
-            if isinstance(e, _boto_errors()):
-                raise self._wrap(e, key, "multipart upload") from None
             raise
 
     def put_file(self, local: Path, key: str) -> None:
@@ -272,23 +271,8 @@ class S3Store(Store):
         if size <= CHUNK:
             self.write_bytes(key, Path(local).read_bytes())
             return
-
-        def upload() -> None:  # a whole multipart upload, retried as one operation
-            with open(local, "rb") as f:
-                try:
-                    self.put_stream(f, key)
-                except StoreError as e:
-                    raise _Transient(e) from None
-
-        start = time.monotonic()
-        while True:
-            try:
-                return upload()
-            except _Transient as t:
-                if time.monotonic() - start + BACKOFF_FIRST > self.retry_seconds:
-                    raise t.error from None
-                log.warning("%s; retrying the upload", t.error)
-                time.sleep(BACKOFF_FIRST)  # back-off before the next upload attempt
+        with open(local, "rb") as f:
+            self.put_stream(f, key)
 
     def get_file(self, key: str, local: Path) -> None:
         with atomic_path(Path(local)) as tmp:
@@ -342,11 +326,6 @@ def _boto_errors() -> tuple[type[Exception], ...]:
     return ClientError, BotoCoreError
 
 
-class _Transient(Exception):
-    def __init__(self, error: StoreError):
-        self.error = error
-
-
 def _retryable(err: Exception) -> bool:
     """A transient error worth retrying: no connection, a timeout, a dropped connection, 5xx, throttling."""
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, ReadTimeoutError
@@ -385,7 +364,8 @@ def make_s3_client(s3: S3Settings):
     def secret(v):
         return v.get_secret_value() if v is not None else None
 
-    return boto3.client(
+    # its own session: credentials resolved for this client, not cached process-wide by boto3's default session
+    return boto3.session.Session().client(
         "s3",
         endpoint_url=s3.endpoint_url,
         region_name=s3.region,

@@ -125,7 +125,7 @@ def bucket(s3_server, request, monkeypatch):
     for k, v in CREDS.items():
         monkeypatch.setenv(k, v)
     name = "lock-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    boto3.session.Session().client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}/runs"
 
 
