@@ -51,3 +51,30 @@ def test_unreachable_s3_is_one_message_within_the_budget(tmp_path):
     assert failed.returncode == EXIT_FAILED
     assert "prepare failed: S3" in failed.stderr and "retried for" in failed.stderr
     assert "ASRFT_S3__ENDPOINT_URL" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_a_long_csv_scan_shows_progress(tmp_path):
+    (tmp_path / "audio").mkdir()
+    rows = "\n".join(f"u{i:05d},你好世界" for i in range(3000))
+    (tmp_path / "big.csv").write_text(f"audio_id,text\n{rows}\n", encoding="utf-8")
+    done = run_module("jobs.prepare", ["--artifacts", str(tmp_path / "runs"), "--run-id", "r", "--train-csv",
+                                       str(tmp_path / "big.csv"), "--audio-dir", str(tmp_path / "audio")])
+    assert "checking the 3000 rows of" in done.stderr and "prepare: checking train rows" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("statuses", "table"), [(["done", "done"], True), (["done", "skipped"], True),
+                                                 (["failed", "not run"], False), (["done", "failed"], False)])
+def test_the_run_summary_shows_only_this_runs_cer(tmp_path, capsys, statuses, table):
+    import json
+    from types import SimpleNamespace
+
+    from common.core.settings import S3Settings
+    from common.executors.local import StepResult, print_summary
+
+    metrics = tmp_path / "runs" / "r" / "evaluate" / "metrics.json"  # an earlier run's results
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({"finetuned": {"test": {"cer": 0.123}}}))
+    settings = SimpleNamespace(run_id="r", artifacts=str(tmp_path / "runs"), s3=S3Settings())
+    print_summary([StepResult("finetune", statuses[0]), StepResult("evaluate", statuses[1])], settings)
+    assert ("12.3%" in capsys.readouterr().err) is table
