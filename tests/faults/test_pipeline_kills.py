@@ -2,8 +2,8 @@
 
 1. An uninterrupted reference run records every fault point each stage reaches (ASRFT_FAULT_TRACE).
 2. For every stage, every point it reaches and the first and last time it reaches it: a copy of the reference
-   run without that stage, the stage run through `asr-ft run --stages STAGE` with ASRFT_FAULT=STAGE/POINT:kill:N
-   (SIGKILL right there), then the same command again without the fault.
+   run without that stage, the stage run as `asr-ft run` runs it (its module, the step's environment) with
+   ASRFT_FAULT=STAGE/POINT:kill:N (SIGKILL right there), then the same command again without the fault.
 3. The re-run must succeed and give the reference's outputs: same files, binary files bit-identical, JSON /
    JSONL identical but for timings and the run folder's own path. (TensorBoard event files are named by time and
    host; report.md / report.html are rendered from the compared metrics.json / predictions.jsonl.)
@@ -14,16 +14,20 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_module
+from conftest import REPO, child_env, run_module
 
 from common.core.registry import pipeline_steps
+from common.core.registry import stage as stage_info
 from common.core.stage import MANIFEST
 from common.core.store import sha256_file
+from common.executors.pipeline import load_pipeline, section_env
 
 STAGES = list(pipeline_steps(optional=False))
 VOLATILE_KEY = re.compile(r"seconds|runtime|per_second|samples_per|steps_per|_time$|^started$|^finished$|flos|"
@@ -109,11 +113,13 @@ def test_kill_at_every_publish_point_of_every_stage(reference, tmp_path):
         for later in STAGES[STAGES.index(stage):]:
             shutil.rmtree(runs / "k" / later)
         cfg = pipeline_config(root, model, runs)
-        argv = ["--config", str(cfg), "--stages", stage]
-        killed = run_module("jobs.run", argv, ASRFT_FAULT=f"{name}:kill:{n}")
-        rerun = run_module("jobs.run", argv)
+        env = {"ASRFT_ARTIFACTS": str(runs), "ASRFT_RUN_ID": "k", **section_env(load_pipeline(cfg), stage)}
+        cmd = [sys.executable, "-m", stage_info(stage).module]
+        killed = subprocess.run(cmd, cwd=REPO, env=child_env(**env, ASRFT_FAULT=f"{name}:kill:{n}"),
+                                capture_output=True, text=True, timeout=600)
+        rerun = subprocess.run(cmd, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=600)
         outcome = "identical"
-        if killed.returncode == 0 or "exit -9" not in killed.stderr:
+        if killed.returncode != -9:
             outcome = f"not killed (exit {killed.returncode})"
         elif (runs / "k" / stage / MANIFEST).exists() and "manifest" not in name:
             outcome = "published after the kill"
