@@ -70,7 +70,9 @@ def register_secrets(values: set[str]) -> None:
     _SECRETS.update(v for v in values if v)
 
 
-class _RedactingFormatter(logging.Formatter):
+class RedactingFormatter(logging.Formatter):
+    """Masks every registered secret (register_secrets) in the formatted line."""
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         for secret in sorted(_SECRETS, key=len, reverse=True):
@@ -90,7 +92,7 @@ def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_LOG_HANDLER)
     register_secrets(secret_values())  # secret-looking environment variables (AWS_SECRET_ACCESS_KEY, ...)
-    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level))
 
