@@ -274,6 +274,8 @@ def describe_error(e: BaseException) -> str:
                     "re-run the same command")
     except ImportError:
         pass
+    if type(e).__module__.startswith(("common.", "jobs.")) and str(e):  # asr-ft's own errors say what to do
+        return str(e)
     return (f"unexpected error {type(e).__name__}: {e}. Re-run with --log-level DEBUG for the traceback and report it "
             "if it persists")
 

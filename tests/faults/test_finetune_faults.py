@@ -137,3 +137,23 @@ def test_force_starts_clean_without_a_manifest(reference, tmp_path, capsys):
     assert main([*args(common), "--force"]) == 0
     assert "resuming from" not in capsys.readouterr().err
     assert final_sha(out) == reference[1]
+
+
+def test_a_whole_checkpoint_of_another_model_is_one_clear_message(reference, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from jobs.finetune.__main__ import main
+
+    out, common = copy_run(reference, tmp_path, keep_finetune=True)
+    for p in (out / MANIFEST, out / "trainer_state.json"):
+        p.unlink()
+    ckpt = out / "checkpoints" / "checkpoint-6"
+    import torch
+
+    save_file({"not.a.parameter": torch.zeros(2)}, str(ckpt / "trainable.safetensors"))
+    ckpts.seal(ckpt)  # intact as files: only loading can tell
+    capsys.readouterr()
+    assert main(args(common)) == 1
+    err = capsys.readouterr().err
+    assert "finetune failed: checkpoint" in err and "does not fit this model/mode" in err and "--force" in err
+    assert "Traceback" not in err
