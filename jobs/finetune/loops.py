@@ -65,6 +65,30 @@ def stop_when_asked():
     return _Stop()
 
 
+def finished_at_checkpoint(trainer: Any, resume: Path, load_weights: bool) -> Any:
+    """Resuming from the checkpoint of the last step (killed after it, before the stage finished): nothing is
+    left to train. (The Trainer, asked to resume there, would train one step past the end when the run is
+    shorter than an epoch.) The trainer takes the checkpoint's weights and state, plus the end-of-training
+    entry the Trainer logs."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    from common.training.trainer import load_trainable
+
+    state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    if load_weights:  # (DeepSpeed: final/ is read from the checkpoint itself)
+        load_trainable(trainer.model, resume)
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    train_loss = sum(losses) / len(losses) if losses else None
+    state.log_history.append({"train_runtime": 0.0, "train_samples_per_second": 0.0, "train_steps_per_second": 0.0,
+                              "total_flos": state.total_flos, "train_loss": train_loss, "epoch": state.epoch,
+                              "step": state.global_step})
+    trainer.state = state
+    log.info("%s is the checkpoint of the last step (%d): training was complete, nothing to resume", resume,
+             state.global_step)
+    return TrainOutput(state.global_step, train_loss, {})
+
+
 def stopped_by_signal(ctx: StageContext, global_step: int) -> None:
     """After a loop returned: if a signal stopped it, log the checkpoint it saved and stop the stage (exit 143/130)."""
     if preempt.requested() is None:
@@ -142,8 +166,11 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Plan, built: B
         callbacks = [stop_when_asked()] + ([regroup_each_epoch(built.train)] if built.regroup_each_epoch else [])
         trainer = make_trainer(trainee, args, built.train, built.collator, on_save=ctx.sync if rank_zero else None,
                                eval_dataset=built.eval, callbacks=callbacks)
-        with preempt.deferred():  # SIGTERM / SIGINT: finish the step, save a checkpoint, stop (stop_when_asked)
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if resume is not None and ckpts.checkpoint_step(resume) >= args.max_steps > 0:
+            result = finished_at_checkpoint(trainer, resume, load_weights=not the_plan.deepspeed_config)
+        else:
+            with preempt.deferred():  # SIGTERM / SIGINT: finish the step, save a checkpoint, stop (stop_when_asked)
+                result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     stopped_by_signal(ctx, trainer.state.global_step)
     if rank_zero:
         trainer.state.save_to_json(str(ctx.out / "trainer_state.json"))

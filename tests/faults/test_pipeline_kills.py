@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -30,8 +31,10 @@ from common.core.store import sha256_file
 from common.executors.pipeline import load_pipeline, section_env
 
 STAGES = list(pipeline_steps(optional=False))
+# timings, and the Trainer's train_loss (the mean over the steps of its own train() call: a resumed run's
+# covers only the steps after the checkpoint; the per-step losses in log_history are compared)
 VOLATILE_KEY = re.compile(r"seconds|runtime|per_second|samples_per|steps_per|_time$|^started$|^finished$|flos|"
-                          r"peak_|^rss|memory_mb|^free_", re.I)
+                          r"peak_|^rss|memory_mb|^free_|^rtf$|^train_loss$", re.I)
 SKIPPED_FILES = re.compile(r"^tensorboard/|^report\.(md|html)$")
 
 
@@ -54,18 +57,19 @@ def pipeline_config(root: Path, model: Path, runs: Path) -> Path:
     return path
 
 
-def normalized(value, roots: list[str]):
+def normalized(value, roots: dict[str, str]):
+    """JSON with volatile keys dropped and the run's own folders (``roots``: path → placeholder) replaced."""
     if isinstance(value, dict):
         return {k: normalized(v, roots) for k, v in value.items() if not VOLATILE_KEY.search(str(k))}
     if isinstance(value, list):
         return [normalized(v, roots) for v in value]
     if isinstance(value, str):
-        for r in roots:
-            value = value.replace(r, "<runs>")
+        for path, placeholder in roots.items():
+            value = value.replace(path, placeholder)
     return value
 
 
-def stage_result(stage_dir: Path, roots: list[str]) -> dict[str, object]:
+def stage_result(stage_dir: Path, roots: dict[str, str]) -> dict[str, object]:
     """What a stage produced, comparable across run folders: path → sha256 or normalized JSON."""
     manifest = json.loads((stage_dir / MANIFEST).read_text())
     out: dict[str, object] = {}
@@ -95,12 +99,43 @@ def reference(tmp_path_factory):
     done = run_module("jobs.run", ["--config", str(cfg)], ASRFT_FAULT_TRACE=str(trace))
     assert done.returncode == 0, done.stderr[-3000:]
     points = Counter(line for line in trace.read_text().splitlines() if "/" in line)
-    return root, model, runs, points
+    return root, model, runs, os.environ["ASRFT_CACHE"], points
+
+
+def kill_and_rerun(root: Path, model: Path, ref_runs: Path, ref_cache: str, case: Path, stage: str, name: str,
+                   n: int) -> str:
+    """One cell of the matrix: kill STAGE at the Nth time it reaches POINT, re-run it, compare → the outcome."""
+    runs = case / "runs"
+    shutil.copytree(ref_runs, runs)
+    for later in STAGES[STAGES.index(stage):]:
+        shutil.rmtree(runs / "k" / later)
+    cfg = pipeline_config(root, model, runs)
+    # the stage as `asr-ft run` starts it; a cache of its own, cold as the reference's was
+    env = {"ASRFT_ARTIFACTS": str(runs), "ASRFT_RUN_ID": "k", "ASRFT_CACHE": str(case / "cache"),
+           **section_env(load_pipeline(cfg), stage)}
+    cmd = [sys.executable, "-m", stage_info(stage).module]
+    try:
+        killed = subprocess.run(cmd, cwd=REPO, env=child_env(**env, ASRFT_FAULT=f"{name}:kill:{n}"),
+                                capture_output=True, text=True, timeout=600)
+        if killed.returncode != -9:
+            return f"not killed (exit {killed.returncode})"
+        if (runs / "k" / stage / MANIFEST).exists() and "manifest" not in name:
+            return "published after the kill"
+        rerun = subprocess.run(cmd, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=600)
+        if rerun.returncode != 0:
+            return f"re-run failed: {rerun.stderr[-1500:]}"
+        got = stage_result(runs / "k" / stage, {str(runs): "<runs>", str(case / "cache"): "<cache>"})
+        want = stage_result(ref_runs / "k" / stage, {str(ref_runs): "<runs>", ref_cache: "<cache>"})
+        if got != want:
+            return f"re-run differs from the reference in {sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))}"
+        return "identical"
+    finally:
+        shutil.rmtree(case, ignore_errors=True)
 
 
 @pytest.mark.slow
 def test_kill_at_every_publish_point_of_every_stage(reference, tmp_path):
-    root, model, ref_runs, points = reference
+    root, model, ref_runs, ref_cache, points = reference
     cases = []
     for stage in STAGES:
         for name, count in sorted((p, c) for p, c in points.items() if p.startswith(f"{stage}/")):
@@ -108,29 +143,10 @@ def test_kill_at_every_publish_point_of_every_stage(reference, tmp_path):
     assert {c[0] for c in cases} == set(STAGES), f"a stage reached no publish point: {points}"
     rows, failures = [], []
     for i, (stage, name, n) in enumerate(cases):
-        runs = tmp_path / f"case{i}" / "runs"
-        shutil.copytree(ref_runs, runs)
-        for later in STAGES[STAGES.index(stage):]:
-            shutil.rmtree(runs / "k" / later)
-        cfg = pipeline_config(root, model, runs)
-        env = {"ASRFT_ARTIFACTS": str(runs), "ASRFT_RUN_ID": "k", **section_env(load_pipeline(cfg), stage)}
-        cmd = [sys.executable, "-m", stage_info(stage).module]
-        killed = subprocess.run(cmd, cwd=REPO, env=child_env(**env, ASRFT_FAULT=f"{name}:kill:{n}"),
-                                capture_output=True, text=True, timeout=600)
-        rerun = subprocess.run(cmd, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=600)
-        outcome = "identical"
-        if killed.returncode != -9:
-            outcome = f"not killed (exit {killed.returncode})"
-        elif (runs / "k" / stage / MANIFEST).exists() and "manifest" not in name:
-            outcome = "published after the kill"
-        elif rerun.returncode != 0:
-            outcome = f"re-run failed: {rerun.stderr[-1500:]}"
-        elif stage_result(runs / "k" / stage, [str(runs)]) != stage_result(ref_runs / "k" / stage, [str(ref_runs)]):
-            outcome = "re-run differs from the reference"
+        outcome = kill_and_rerun(root, model, ref_runs, ref_cache, tmp_path / f"case{i}", stage, name, n)
         rows.append(f"| {name} | {n} of {points[name]} | {outcome} |")
         if outcome != "identical":
             failures.append(rows[-1])
-        shutil.rmtree(runs.parent)
     table = "\n".join(["| point | kill at hit | outcome |", "|---|---|---|", *rows])
     print(f"\n{len(cases)} kills\n{table}")
     (Path(tmp_path) / "matrix.md").write_text(table)
