@@ -9,7 +9,7 @@ APT_PACKAGES := espeak-ng sox libsndfile1
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test test-slow test-gpu demo lint clean-demo e2e-containers
+.PHONY: help setup system-deps test test-slow test-faults test-gpu demo lint clean-demo e2e-containers
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +38,9 @@ test: setup ## run the fast test suite (unit + integration; < 10 min on 2 cores)
 
 test-slow: setup ## run the slow tests too
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "slow" --durations=15
+
+test-faults: setup ## the whole fault matrix (tests/faults: kill -9 at every publish point, SIGTERM, S3 outages, locks)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "slow or not slow" tests/faults --durations=10
 
 test-gpu: setup ## GPU tests (on a CUDA machine): pytest -m gpu tests/gpu
 	$(BIN)/pytest -q -m gpu tests/gpu

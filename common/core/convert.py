@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from common.core.audio import (
     MAX_SECONDS,
     SAMPLE_RATE,
@@ -87,6 +89,9 @@ class Scan:
     inputs: dict[str, Any] = field(default_factory=dict)  # fingerprints: each CSV's bytes, the audio files found
 
 
+PROGRESS_MIN_ROWS = 2000  # a progress bar for scans of at least this many rows (200k rows take about a minute)
+
+
 def scan_csvs(sources: Iterable[tuple[str, str, str]], s3: S3Settings | None = None, *,
               id_column: str | None = None, text_column: str | None = None) -> Scan:
     """Read each ``(split, csv_uri, audio_dir_uri)`` in order and check every row up to finding its file; ids
@@ -101,7 +106,9 @@ def scan_csvs(sources: Iterable[tuple[str, str, str]], s3: S3Settings | None = N
         scan.rows[split] = len(table.rows) + len(table.rejected)
         scan.rejected += table.rejected
         audio_dir = open_audio_dir(audio_uri, s3)
-        for row in table.rows:
+        log.info("checking the %d rows of %s against %s", len(table.rows), csv_uri, audio_uri)
+        for row in tqdm(table.rows, desc=f"prepare: checking {split} rows", unit="row", mininterval=1.0,
+                        disable=len(table.rows) < PROGRESS_MIN_ROWS):
             checked = _check_row(row, audio_dir, first_use)
             if isinstance(checked, Job):
                 scan.jobs.append(checked)

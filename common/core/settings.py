@@ -61,6 +61,20 @@ class S3Settings(BaseModel):
     secret_access_key: SecretStr | None = Field(None, description="secret key (prefer a Secret)")
     session_token: SecretStr | None = Field(None, description="session token for temporary credentials")
     addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="bucket addressing style")
+    retry_seconds: float = Field(
+        600.0, gt=0, description="how long one S3 operation keeps retrying through an outage (adaptive retries, "
+        "backing off) before the stage fails; a checkpoint upload waits that long while training pauses",
+        examples=[600, 60],
+    )
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to wait for a connection to the S3 endpoint")
+    read_timeout: float = Field(60.0, gt=0, description="seconds to wait for an S3 response (a hung endpoint)")
+    lease_seconds: float = Field(
+        300.0, ge=5, description="the run lock on S3: a holder that has not renewed it for this long (a killed "
+        "pod) is taken over by the next run", examples=[300],
+    )
+
+
+S3_TUNING = ("retry_seconds", "connect_timeout", "read_timeout", "lease_seconds")  # S3Settings' behaviour knobs
 
 
 class StageSettings(BaseSettings):
@@ -359,6 +373,58 @@ _SECRET_RE = re.compile(
 )
 
 
+SECRET_MASK = "**********"  # what a secret shows as in manifests, logs and dry runs
+
+
+def is_secret_name(name: str) -> bool:
+    """A setting's or environment variable's name that holds a secret (ASRFT_S3__SESSION_TOKEN, hf_token,
+    AWS_SECRET_ACCESS_KEY), not one that merely mentions tokens (max_new_tokens)."""
+    return bool(_SECRET_RE.search(name))
+
+
+def redact_env(env: dict[str, Any]) -> dict[str, Any]:
+    """An environment (or any name → value mapping) with the values of secret-looking names masked."""
+    return {k: SECRET_MASK if v not in (None, "") and is_secret_name(k) else v for k, v in env.items()}
+
+
+def redact_tree(obj: Any) -> Any:
+    """A manifest-like tree (Kubernetes Jobs, compose services) with secrets masked: values under
+    secret-looking keys and ``{"name": <secret-looking>, "value": ...}`` environment entries."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get("name"), str) and "value" in obj and is_secret_name(obj["name"]):
+            return {**obj, "value": SECRET_MASK}
+        return {k: SECRET_MASK if isinstance(v, str) and v and is_secret_name(str(k)) else redact_tree(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_tree(v) for v in obj]
+    return obj
+
+
+def secret_values(settings: BaseModel | None = None, env: dict[str, str] | None = None) -> set[str]:
+    """The secret strings this process knows (settings' SecretStr fields and secret-looking environment
+    variables): what the log filter masks wherever they appear, e.g. in a library's DEBUG output."""
+    found: set[str] = set()
+
+    def walk(obj: Any, key: str = "") -> None:
+        if isinstance(obj, SecretStr):
+            found.add(obj.get_secret_value())
+        elif isinstance(obj, BaseModel):
+            for name in type(obj).model_fields:
+                walk(getattr(obj, name), name)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, str(k))
+        elif isinstance(obj, str) and key and is_secret_name(key):
+            found.add(obj)
+
+    if settings is not None:
+        walk(settings)
+    for k, v in (os.environ if env is None else env).items():
+        if v and is_secret_name(k):
+            found.add(v)
+    return {v for v in found if len(v) >= 4}  # a 1-3 character "secret" would mask unrelated text
+
+
 def redacted(settings: BaseModel) -> dict[str, Any]:
     """JSON-safe settings with every secret masked (SecretStr and secret-looking names)."""
 
@@ -368,7 +434,7 @@ def redacted(settings: BaseModel) -> dict[str, Any]:
         if isinstance(obj, list):
             return [walk(v) for v in obj]
         if obj is not None and _SECRET_RE.search(key):
-            return "**********"
+            return SECRET_MASK
         return obj
 
     return walk(settings.model_dump(mode="json"))

@@ -24,12 +24,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.core.settings import StageSettings, fingerprint_fields, redacted
-from common.core.store import Store, StoreError, atomic_write_bytes, open_store, sha256_file
+from common.core.faults import fault_point
+from common.core.faults import set_scope as set_fault_scope
+from common.core.preempt import Preempted, stop_signals
+from common.core.runlock import RunLocked, run_lock
+from common.core.settings import SECRET_MASK, StageSettings, fingerprint_fields, redacted, secret_values
+from common.core.store import S3Store, Store, StoreError, atomic_write_bytes, open_store, sha256_file
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
+CHECKPOINT_MARKER = "checkpoint_complete.json"  # common.training.checkpoints.MARKER: uploaded last
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes shows this file's text as the pod's failure reason
 
@@ -57,6 +62,23 @@ def cache_dir() -> Path:
 
 
 _LOG_HANDLER = "asr-ft"
+_SECRETS: set[str] = set()  # secret values masked in every log line (register_secrets)
+
+
+def register_secrets(values: set[str]) -> None:
+    """Mask these strings in every line the console handler writes (DEBUG output of boto3 & co. included)."""
+    _SECRETS.update(v for v in values if v)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Masks every registered secret (register_secrets) in the formatted line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in sorted(_SECRETS, key=len, reverse=True):
+            if secret in text:
+                text = text.replace(secret, SECRET_MASK)
+        return text
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -69,7 +91,8 @@ def setup_logging(level: str = "INFO") -> None:
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_LOG_HANDLER)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    register_secrets(secret_values())  # secret-looking environment variables (AWS_SECRET_ACCESS_KEY, ...)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level))
 
@@ -102,12 +125,21 @@ class StageContext:
         process with the same size and sha256 are not sent again, so calling it after each checkpoint is cheap."""
         if self.store.local_path(self.key()) is not None:
             return
-        for path in _output_files(self.out):
+        # completion markers (a checkpoint's) go after the files they vouch for
+        files = sorted(_output_files(self.out), key=lambda p: p.name == CHECKPOINT_MARKER)
+        for path in files:
             key = self.key(path.relative_to(self.out).as_posix())
             digest = self.digest(path)
             if self._synced.get(key) != digest:
+                fault_point("store.upload")
                 self.store.put_file(path, key)
                 self._synced[key] = digest
+        # files this process uploaded and has since removed (rotated checkpoints): markers first
+        gone = {self.key(p.relative_to(self.out).as_posix()) for p in files}
+        stale = sorted((k for k in self._synced if k not in gone), key=lambda k: not k.endswith(CHECKPOINT_MARKER))
+        for key in stale:
+            self.store.delete_prefix(key)
+            del self._synced[key]
 
     def upload_record(self) -> dict[str, Any]:
         """What this context has hashed and uploaded so far (picklable): another process that wrote into the same
@@ -198,60 +230,141 @@ def run_stage(
     inputs: dict[str, Any] | Callable[[Store], dict[str, Any]],
     body: Callable[[StageContext], dict[str, Any] | None],
 ) -> int:
-    """settings → log them → skip if done → run body → write manifest → exit code."""
+    """settings → log them → lock the run → skip if done → run body → write manifest → exit code.
+
+    Every failure ends as one logged message and the stage contract's exit code (1 failed, 2 bad input,
+    143/130 stopped by SIGTERM/SIGINT); the traceback only with --log-level DEBUG."""
     setup_logging(settings.log_level)
+    register_secrets(secret_values(settings))
+    set_fault_scope(stage)
     log.info("%s settings: %s", stage, json.dumps(redacted(settings), ensure_ascii=False))
     try:
-        store = open_store(settings.artifacts, settings.s3)
-        if callable(inputs):
-            inputs = inputs(store)
-        fingerprint = manifest_fingerprint(stage, settings, inputs)
-        old = read_manifest(store, settings.run_id, stage)
-        if old and old.get("fingerprint") == fingerprint and not settings.force:
-            log.info("%s: skipped — %s matches its inputs and settings (use --force to redo)",
-                     stage, store.uri_for(store.join(settings.run_id, stage, MANIFEST)))
-            return EXIT_OK
-        local = store.local_path(store.join(settings.run_id, stage))
-        if local is None:
-            local = cache_dir() / "staging" / hashlib.sha256(settings.artifacts.encode()).hexdigest()[:16] / settings.run_id / stage
-        if old is not None:
-            # Outdated (or --force): the manifest goes first so a half-redone stage never looks complete, then
-            # the old outputs, so none of them is listed in the new manifest. A stage that crashed (no
-            # manifest) keeps its files: the body may resume from them.
-            log.info("%s: redoing (%s); removing the previous outputs",
-                     stage, "--force" if settings.force and old.get("fingerprint") == fingerprint else "inputs or settings changed")
-            store.delete_prefix(store.join(settings.run_id, stage, MANIFEST))
-            store.delete_prefix(store.join(settings.run_id, stage))
-            if store.local_path(store.join(settings.run_id, stage)) is None:
-                shutil.rmtree(local, ignore_errors=True)
-        local.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(stage, settings, store, settings.run_id, local)
-        started = datetime.now(UTC)
-        t0 = time.perf_counter()
-        summary = body(ctx) or {}
-        ctx.sync()
-        manifest = {
-            "stage": stage,
-            "code_version": code_version(),
-            "fingerprint": fingerprint,
-            "settings": redacted(settings),
-            "inputs": inputs,
-            "outputs": _outputs(local, ctx),
-            "summary": summary,
-            "started": started.isoformat(timespec="seconds"),
-            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            "seconds": round(time.perf_counter() - t0, 3),
-            **ctx.manifest_extra,
-        }
-        store.write_json(store.join(settings.run_id, stage, MANIFEST), manifest)
-        log.info("%s: done in %.1f s → %s", stage, manifest["seconds"], store.uri_for(store.join(settings.run_id, stage)))
-        return EXIT_OK
+        with stop_signals():
+            store = open_store(settings.artifacts, settings.s3)
+            with run_lock(store, settings.run_id, stage, ttl=settings.s3.lease_seconds):
+                return _run_locked(stage, settings, store, inputs, body)
     except StageFailed as e:
         return fail(stage, str(e), e.exit_code)
-    except StoreError as e:  # its message names the URI and what to check
+    except (StoreError, RunLocked) as e:  # its message names the URI and what to check
         return fail(stage, str(e), EXIT_FAILED)
+    except Preempted as e:
+        return fail(stage, f"{e}; nothing half-written was published. Re-run the same command to resume", e.exit_code)
     except KeyboardInterrupt:
         return fail(stage, "interrupted; re-run the same command to resume", 130)
+    except Exception as e:  # noqa: BLE001 - the stage's last line of defence: one clean message, not a traceback
+        log.debug("%s: traceback", stage, exc_info=True)
+        return fail(stage, describe_error(e), EXIT_FAILED)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an unexpected error: what happened and what to do."""
+    import errno as _errno
+
+    if isinstance(e, OSError) and e.errno == _errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename else ""
+        return (f"the disk is full{where} ({e}). Free space where the artifacts and the cache (ASRFT_CACHE, "
+                f"{cache_dir()}) live, then re-run the same command: finished work is kept")
+    if isinstance(e, OSError):
+        return f"{e}. Check the path and its permissions, then re-run the same command (--log-level DEBUG shows where)"
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(e, (BotoCoreError, ClientError)):
+            return (f"S3 request failed: {e}. Check ASRFT_S3__ENDPOINT_URL, the credentials and the network, then "
+                    "re-run the same command")
+    except ImportError:
+        pass
+    if type(e).__module__.startswith(("common.", "jobs.")) and str(e):  # asr-ft's own errors say what to do
+        return str(e)
+    return (f"unexpected error {type(e).__name__}: {e}. Re-run with --log-level DEBUG for the traceback and report it "
+            "if it persists")
+
+
+def _run_locked(stage: str, settings: StageSettings, store: Store,
+                inputs: dict[str, Any] | Callable[[Store], dict[str, Any]],
+                body: Callable[[StageContext], dict[str, Any] | None]) -> int:
+    if callable(inputs):
+        inputs = inputs(store)
+    fingerprint = manifest_fingerprint(stage, settings, inputs)
+    old = read_manifest(store, settings.run_id, stage)
+    if old and old.get("fingerprint") == fingerprint and not settings.force:
+        log.info("%s: skipped — %s matches its inputs and settings (use --force to redo)",
+                 stage, store.uri_for(store.join(settings.run_id, stage, MANIFEST)))
+        return EXIT_OK
+    local = store.local_path(store.join(settings.run_id, stage))
+    if local is None:
+        local = cache_dir() / "staging" / hashlib.sha256(settings.artifacts.encode()).hexdigest()[:16] / settings.run_id / stage
+    if old is not None:
+        # Outdated (or --force): the manifest goes first so a half-redone stage never looks complete, then
+        # the old outputs, so none of them is listed in the new manifest. A stage that crashed (no
+        # manifest) keeps its files: the body may resume from them.
+        log.info("%s: redoing (%s); removing the previous outputs",
+                 stage, "--force" if settings.force and old.get("fingerprint") == fingerprint else "inputs or settings changed")
+        store.delete_prefix(store.join(settings.run_id, stage, MANIFEST))
+        store.delete_prefix(store.join(settings.run_id, stage))
+        if store.local_path(store.join(settings.run_id, stage)) is None:
+            shutil.rmtree(local, ignore_errors=True)
+    elif settings.force:  # no manifest (a crashed run): --force still starts clean
+        log.info("%s: --force: removing what an unfinished earlier run left", stage)
+        store.delete_prefix(store.join(settings.run_id, stage))
+        shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(local)
+    if isinstance(store, S3Store):  # under the run's lock: no live upload of this stage can be among them
+        store.abort_open_uploads(store.join(settings.run_id, stage))
+    remove_temp_files(cache_dir(), older_than=CACHE_TEMP_AGE, depth=1)
+    ctx = StageContext(stage, settings, store, settings.run_id, local)
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    summary = body(ctx) or {}
+    ctx.sync()
+    manifest = {
+        "stage": stage,
+        "code_version": code_version(),
+        "fingerprint": fingerprint,
+        "settings": redacted(settings),
+        "inputs": inputs,
+        "outputs": _outputs(local, ctx),
+        "summary": summary,
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 3),
+        **ctx.manifest_extra,
+    }
+    fault_point("stage.manifest")
+    store.write_json(store.join(settings.run_id, stage, MANIFEST), manifest)
+    log.info("%s: done in %.1f s → %s", stage, manifest["seconds"], store.uri_for(store.join(settings.run_id, stage)))
+    return EXIT_OK
+
+
+TEMP_SUFFIXES = (".tmp", ".old", ".staging")  # what atomic writes and checkpoint saves leave when killed
+CACHE_TEMP_AGE = 6 * 3600.0  # the shared cache: only temp files this old (no live writer takes that long)
+
+
+def remove_temp_files(folder: Path, older_than: float = 0.0, depth: int | None = None) -> list[Path]:
+    """Remove the hidden temp files and folders (``.<name>.<random>.tmp``, ``.old``, ``.staging``, e.g.
+    ``.model.tmp-*`` copies of a whole model) a killed earlier run left under ``folder`` (down to ``depth``
+    levels; only those not modified for ``older_than`` seconds); returns them. The stage folder is the
+    locked run's own: everything there goes."""
+    found: list[Path] = []
+    if not folder.is_dir():
+        return found
+    pattern = folder.glob(".*") if depth == 1 else folder.rglob(".*")
+    now = time.time()
+    for p in sorted(pattern, key=lambda p: len(p.parts)):
+        if not p.exists() or p.name == MANIFEST:
+            continue
+        if older_than and now - p.lstat().st_mtime < older_than:
+            continue
+        if any(p.name.endswith(sfx) or f"{sfx}-" in p.name for sfx in TEMP_SUFFIXES):
+            found.append(p)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    if found:
+        log.info("removed %d temporary file(s) an interrupted earlier run left, e.g. %s", len(found), found[0])
+    return found
 
 
 def fail(stage: str, message: str, code: int) -> int:

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, field_validator
 
-from common.core.settings import ENV_PREFIX
+from common.core.settings import ENV_PREFIX, redact_tree
 from common.core.stage import EXIT_BAD_INPUT, EXIT_OK
 from common.executors import contract
 from common.executors.contract import ARTIFACTS_PATH, GID, GPU_STEPS, IMAGE_REPO, TMP_PATH, UID
@@ -361,8 +361,8 @@ def run_compose(steps: list[str], pipeline: dict[str, Any], common: dict[str, An
                               project=cfg.project, volume=cfg.volume)
     source = "jobs/run/demo.yaml" if pipeline == load_pipeline(None) else "the pipeline file"
     text = render_compose(project, compose_header(source, steps))
-    if settings.dry_run:
-        sys.stdout.write(text)
+    if settings.dry_run:  # printed with secrets masked, as in the manifests
+        sys.stdout.write(render_compose(redact_tree(project), compose_header(source, steps)))
         return EXIT_OK
     engine = detect_engine() if cfg.engine == "auto" else cfg.engine
     if engine is None:

@@ -55,7 +55,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from common.core.registry import pipeline_steps, stage
-from common.core.settings import SettingsError
+from common.core.settings import SettingsError, redact_tree
 from common.core.stage import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, MANIFEST, StageFailed, code_version
 from common.core.store import LocalStore, Store, StoreError, open_store
 from common.executors import contract
@@ -106,6 +106,11 @@ class K8sError(Exception):
 # ------------------------------------------------------------------------------------------------ settings
 
 
+# SIGTERM → kill: finishing a training step and writing + uploading a checkpoint (fp32 weights + optimizer of a
+# few B parameters, tens of GB at ~0.5-1 GB/s to disk or S3) takes minutes, not the 30 s Kubernetes gives by default
+TERMINATION_GRACE_SECONDS = 600
+
+
 class K8sSettings(BaseModel):
     """``asr-ft run --executor k8s`` settings: flags ``--k8s-<field>``, env ``ASRFT_RUN_K8S__<FIELD>``, or the
     ``k8s:`` mapping of the pipeline file's ``run:`` section. Mappings and lists take JSON on the command line."""
@@ -130,6 +135,10 @@ class K8sSettings(BaseModel):
     backoff_limit: int = Field(0, ge=0, description="retries of a failed step pod (0: fail fast)")
     ttl_seconds_after_finished: int | None = Field(86400, ge=0, description="delete finished Jobs after this long")
     active_deadline_seconds: int | None = Field(None, ge=1, description="time limit of each Job")
+    termination_grace_seconds: int = Field(
+        TERMINATION_GRACE_SECONDS, ge=30, description="how long a step pod may take to stop after SIGTERM "
+        "(preemption, node drain): finetune finishes its step and saves a checkpoint in that time",
+        examples=[600, 1800])
     gpus: int = Field(1, ge=0, description="GPUs a training node offers the finetune Job (plan input; the plan "
                       "may use fewer, e.g. one for a small data set; 0: train on CPU)")
     nodes: int = Field(1, ge=1, description="training nodes the finetune step may span (plan input); when the plan "
@@ -388,6 +397,7 @@ def build_job(step: str, pipeline: dict[str, Any], common: dict[str, Any], k8s: 
         container["envFrom"] = [{"secretRef": {"name": k8s.s3_secret}}]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": k8s.termination_grace_seconds,
         "automountServiceAccountToken": False,  # the steps never call the Kubernetes API
         "securityContext": json.loads(json.dumps(POD_SECURITY_CONTEXT)),
         "containers": [container],
@@ -1095,7 +1105,7 @@ def run_k8s(steps: list[str], pipeline: dict[str, Any], common: dict[str, Any], 
         header = (f"# asr-ft run '{common['run_id']}': {len(jobs)} Jobs, one per step ({' → '.join(steps)}).\n"
                   "# Each step reads the previous one's outputs: `asr-ft run --executor k8s` creates them one at a\n"
                   "# time, each after the previous one completed (by hand: kubectl apply, then kubectl wait).\n")
-        sys.stdout.write(jobs_yaml(jobs, header))
+        sys.stdout.write(jobs_yaml(redact_tree(jobs), header))  # secrets masked, as in the manifests
         return EXIT_OK
     try:
         cluster = connect(k8s, api_client)

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from common.core.registry import STAGES, pipeline_steps, stage
-from common.core.settings import COMMON_FIELDS, ENV_PREFIX, SettingsError, load_yaml, yaml_section
+from common.core.settings import (
+    COMMON_FIELDS,
+    ENV_PREFIX,
+    S3_TUNING,
+    S3Settings,
+    SettingsError,
+    load_yaml,
+    yaml_section,
+)
 
 DEMO_CONFIG = "demo.yaml"  # packaged with jobs/run
 
@@ -78,8 +86,8 @@ def common_env(common: dict[str, Any], *, secrets: bool) -> dict[str, str]:
             continue
         if key == "s3":
             for sub, v in value.items():
-                if v is None:
-                    continue
+                if v is None or (sub in S3_TUNING and v == S3Settings.model_fields[sub].default):
+                    continue  # the retry/timeout/lease knobs only when changed: the steps have the same defaults
                 if hasattr(v, "get_secret_value"):
                     if not secrets:
                         continue

@@ -41,7 +41,8 @@ data-dependent ``if`` on a GPU tensor, a sync per micro-batch after which the de
 the host's launch rate (GPU busy 69 % of the step, 0.17 s/step idle in 20-100 µs gaps); with host-made
 positions (``HostDecoderPositions``) the host stays ahead and the GPU is busy 93 %.
 
-Checkpoints (``checkpoint-<step>/``, written to a temporary folder and renamed: a folder that exists is complete):
+Checkpoints (``checkpoint-<step>/``, complete or absent: temp folder, fsync, completion marker, rename — see
+common.training.checkpoints):
 
     config.json, generation_config.json, model.safetensors   a plain Hugging Face model, fp32 (master) weights
     optimizer.pt        AdamW moments of the masters, LR schedule, RNG states (torch.load(weights_only=True))
@@ -54,7 +55,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -62,7 +62,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from common.core.files import publish_dir
 from common.training import checkpoints as ckpts
 from common.training.planner import Schedule
 
@@ -619,6 +618,14 @@ def _to_device(batch: Mapping[str, Any], device: Any, dtype: Any) -> dict[str, A
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 
+def _stop_requested() -> bool:
+    from common.core import preempt
+    from common.core.faults import fault_point
+
+    fault_point("train.step_end")  # where the tests preempt training (ASRFT_FAULT=train.step_end:term:N)
+    return preempt.requested() is not None
+
+
 def last_checkpoint(folder: Path) -> Path | None:
     """The complete fast-loop checkpoint with the highest step under ``folder``, or None."""
     return ckpts.last_complete(Path(folder), "fast")
@@ -642,19 +649,18 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def save_checkpoint(folder: Path, prep: _Prepared, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
-    """Write ``folder`` (checkpoint-<step>) atomically: temp folder, then rename."""
+    """Write ``folder`` (checkpoint-<step>) complete or not at all: temp folder, fsync, completion marker, rename
+    (common.training.checkpoints.publish)."""
     import torch
 
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = ckpts.staging_folder(folder)
     tmp.mkdir(parents=True)
     prep.hf.save_pretrained(str(tmp), state_dict=fp32_state_dict(prep), safe_serialization=True)
     _mark_fp32(tmp / "config.json")  # save_pretrained recorded the working dtype (bf16); the weights are fp32
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, ensure_ascii=False))
-    publish_dir(tmp, folder)
-    return folder
+    return ckpts.publish(tmp, folder)
 
 
 def _mark_fp32(config_json: Path) -> None:
@@ -668,9 +674,7 @@ def _mark_fp32(config_json: Path) -> None:
 
 
 def _rotate(folder: Path, keep: int) -> None:
-    for old in ckpts.checkpoints(folder)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-        log.info("removed old checkpoint %s (save_total_limit %d)", old.name, keep)
+    ckpts.rotate(folder, keep)
 
 
 def _load_weights(path: Path, device: Any) -> dict[str, Any]:
@@ -1001,7 +1005,8 @@ def train_fast(
                     except Exception as e:  # a profiler quirk must not cost the training run
                         profile = {"error": f"{type(e).__name__}: {e}"[:500]}
                 prof_ctx = None
-            if step % logging_steps == 0 or step == total_steps or step == 1:
+            stop = _stop_requested()  # SIGTERM / SIGINT (common.core.preempt): checkpoint this step, then return
+            if step % logging_steps == 0 or step == total_steps or step == 1 or stop:
                 mean_loss = loss_sum.item() / since_log
                 loss_total += loss_sum.item()
                 entry = {"step": step, "epoch": round(step / batches.steps_per_epoch, 4), "loss": round(mean_loss, 5),
@@ -1012,7 +1017,7 @@ def train_fast(
                 loss_sum.zero_()
                 since_log = 0
                 clock.flush()
-            saving = opt.save and (step % save_steps == 0 or step == total_steps)
+            saving = opt.save and (step % save_steps == 0 or step == total_steps or stop)
             if eval_dataset is not None and eval_steps and (step % int(eval_steps) == 0 or step == total_steps):
                 entry = {"step": step, "eval_loss": round(_eval_loss(trainee, eval_dataset, collate, batch, device,
                                                                      input_dtype, amp), 5)}
@@ -1028,6 +1033,9 @@ def train_fast(
                 log.info("saved %s", path)
                 if on_checkpoint is not None:
                     on_checkpoint(path)
+            if stop:
+                log.warning("stopping after step %d of %d (asked to stop)", step, total_steps)
+                break
     bar.close()
     if writer is not None:
         writer.close()

@@ -171,11 +171,11 @@ def backend_for(device: str) -> str:
 
 def setup_worker_logging(level: str = "INFO", env: Mapping[str, str] | None = None) -> None:
     """The stage's console logging, each line marked with this worker's rank ("[rank 1/2]")."""
-    from common.core.stage import setup_logging
+    from common.core.stage import RedactingFormatter, setup_logging
 
     setup_logging(level)
     tag = f"[rank {worker_rank(env)}/{worker_world_size(env)}]"
-    fmt = logging.Formatter(f"%(asctime)s %(levelname)-7s {tag} %(name)s: %(message)s", datefmt="%H:%M:%S")
+    fmt = RedactingFormatter(f"%(asctime)s %(levelname)-7s {tag} %(name)s: %(message)s", datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:
         if handler.get_name() == "asr-ft":
             handler.setFormatter(fmt)

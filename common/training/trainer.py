@@ -7,7 +7,8 @@
 ``trainee`` is any module a model family builds: ``forward(**batch)`` returns ``{"loss": …}``; its trainable
 parameters are what trains (every weight for full fine-tuning, LoRA adapters, an unfrozen part). Checkpoints
 hold only those tensors (``trainable.safetensors``, see common.training.checkpoints) plus the Trainer's
-optimizer, scheduler, RNG and ``trainer_state.json``: enough to resume, a few MB for LoRA.
+optimizer, scheduler, RNG and ``trainer_state.json``: enough to resume, a few MB for LoRA. Each checkpoint is
+written into a hidden staging folder and published whole (common.training.checkpoints.publish).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.training.checkpoints import TRAINABLE_WEIGHTS
+from common.training import checkpoints as ckpts
+from common.training.checkpoints import PREFIX, TRAINABLE_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,28 @@ def make_trainer(trainee, args, train_dataset, collator, on_save: Callable[[], N
                 on_save()
 
     class _Trainer(Trainer):
+        def _save_checkpoint(self, model, trial) -> None:
+            # The Trainer writes checkpoint-N/ file by file; make it complete-or-absent: write into a hidden
+            # staging folder, then seal (fsync + completion marker) and rename it into place on the saving rank.
+            real = Path(self._get_output_dir(trial=trial))
+            name = f"{PREFIX}{self.state.global_step}"
+            staging = real / f".{name}.staging"
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            _barrier()
+            self._get_output_dir = lambda trial=None: str(staging)  # where super() writes checkpoint-N/
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir
+            _barrier()  # every rank's shards (DeepSpeed) are written
+            if self.args.should_save:
+                ckpts.publish(staging / name, real / name)
+                shutil.rmtree(staging, ignore_errors=True)
+                ckpts.rotate(real, self.args.save_total_limit)
+                log.info("saved checkpoint %s", real / name)
+            _barrier()
+
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             if self.args.should_save:
                 save_trainable(self.model, Path(output_dir or self.args.output_dir))
@@ -94,6 +119,14 @@ def make_trainer(trainee, args, train_dataset, collator, on_save: Callable[[], N
         model=trainee, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collator,
         callbacks=[_SyncAfterSave(), *callbacks],
     )
+
+
+def _barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:

@@ -18,16 +18,23 @@ weights are the exact trained values; the 16-bit `model.safetensors` beside them
 
 The export stage calls it when `is_zero_checkpoint(folder)` is true (the folder holds `global_step*/`
 ZeRO shards), then exports the consolidated folder as it would `final/`.
+
+Untrusted folders: DeepSpeed's reader unpickles the shards with ``torch.load(weights_only=False)``, which runs
+whatever code a crafted file names. Here it reads them only through ``safe_torch_load()``: ``weights_only=True``
+(tensors, containers, numbers, strings) plus the few DeepSpeed classes its own shards hold; anything else is
+refused with a ZeroCheckpointError before it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +60,48 @@ RNG_FILE = re.compile(r"^rng_state(_\d+)?\.pth$")
 
 class ZeroCheckpointError(ValueError):
     """The folder is not a ZeRO checkpoint DeepSpeed can consolidate; the message says what to do."""
+
+
+# The classes (module, name) DeepSpeed's own ZeRO shards pickle besides tensors and plain containers: the fp16
+# loss scaler in the optimizer states and the ZeRO stage enum. Nothing else is ever unpickled from a shard.
+ZERO_SAFE_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+)
+
+
+@contextlib.contextmanager
+def safe_torch_load(folder: Path) -> Iterator[None]:
+    """While the block runs, every ``torch.load`` is ``weights_only=True`` (with ZERO_SAFE_GLOBALS allowed):
+    a shard that would run code on loading raises ZeroCheckpointError instead."""
+    import importlib
+    import pickle
+
+    import torch
+
+    allowed = []
+    for module, name in ZERO_SAFE_GLOBALS:
+        with contextlib.suppress(ImportError, AttributeError):
+            allowed.append(getattr(importlib.import_module(module), name))
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise ZeroCheckpointError(
+            f"{folder} holds a shard that is not plain tensor data: loading it would run code from the file, so it "
+            f"was refused ({first[:300]}). Use only checkpoints written by asr-ft/DeepSpeed that you trust"
+        ) from None
+    finally:
+        torch.load = original
 
 
 def zero_tags(folder: str | Path) -> list[str]:
@@ -211,7 +260,8 @@ def consolidate_zero_checkpoint(
     try:
         log.info("zero export: consolidating %s/%s (fp32 master weights) -> %s as %s", checkpoint_dir, tag,
                  out_dir, dtype)
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=True)
+        with safe_torch_load(checkpoint_dir):
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=True)
         files = _write_weights(_unique_tensors(dict(state_dict)), tmp, dtype)
         for p in _companion_files(checkpoint_dir):
             shutil.copy2(p, tmp / p.name)
@@ -250,5 +300,6 @@ def zero_fp32_weights(checkpoint_dir: str | Path, *, tag: str | None = None,
         ) from e
     log.info("zero weights: reading the fp32 master weights of %s/%s%s", checkpoint_dir, tag,
              " (trainable parameters)" if trainable_only else "")
-    return dict(get_fp32_state_dict_from_zero_checkpoint(
-        str(checkpoint_dir), tag=tag, exclude_frozen_parameters=trainable_only, lazy_mode=True))
+    with safe_torch_load(checkpoint_dir):
+        return dict(get_fp32_state_dict_from_zero_checkpoint(
+            str(checkpoint_dir), tag=tag, exclude_frozen_parameters=trainable_only, lazy_mode=True))

@@ -399,10 +399,13 @@ def launch(ctx: StageContext, the_plan: Plan, inputs: dict[str, Any]) -> dict[st
 def finetune_worker(settings: FinetuneSettings, out: str, job: RankJob) -> dict[str, Any]:
     """One launched rank (runs in its own process): ``train_rank`` in ``out`` with the parent's plan. No skip
     check, no manifest: the parent's run_stage does those once."""
+    from common.core.settings import secret_values
+    from common.core.stage import register_secrets
     from common.core.store import open_store
     from common.training.launch import is_rank_zero, local_rank, setup_worker_logging
 
     setup_worker_logging(settings.log_level)
+    register_secrets(secret_values(settings))
     if job.plan.device == "cuda":
         import torch
 

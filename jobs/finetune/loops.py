@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.core import preempt
+from common.core.faults import fault_point
 from common.core.stage import StageContext, StageFailed
 from common.core.store import atomic_write_bytes
 from common.families import Built, ModelFamily
@@ -46,6 +48,54 @@ def regroup_each_epoch(dataset):
             dataset.set_epoch(int(state.epoch or 0))
 
     return _Regroup()
+
+
+def stop_when_asked():
+    """Trainer callback: after a SIGTERM / SIGINT, end training at the end of the current step with a checkpoint."""
+    from transformers import TrainerCallback
+
+    class _Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            fault_point("train.step_end")  # where the tests preempt training (ASRFT_FAULT=train.step_end:term:N)
+            if preempt.requested() is not None:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return _Stop()
+
+
+def finished_at_checkpoint(trainer: Any, resume: Path, load_weights: bool) -> Any:
+    """Resuming from the checkpoint of the last step (killed after it, before the stage finished): nothing is
+    left to train. (The Trainer, asked to resume there, would train one step past the end when the run is
+    shorter than an epoch.) The trainer takes the checkpoint's weights and state, plus the end-of-training
+    entry the Trainer logs."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    from common.training.trainer import load_trainable
+
+    state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    if load_weights:  # (DeepSpeed: final/ is read from the checkpoint itself)
+        load_trainable(trainer.model, resume)
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    train_loss = sum(losses) / len(losses) if losses else None
+    state.log_history.append({"train_runtime": 0.0, "train_samples_per_second": 0.0, "train_steps_per_second": 0.0,
+                              "total_flos": state.total_flos, "train_loss": train_loss, "epoch": state.epoch,
+                              "step": state.global_step})
+    trainer.state = state
+    log.info("%s is the checkpoint of the last step (%d): training was complete, nothing to resume", resume,
+             state.global_step)
+    return TrainOutput(state.global_step, train_loss, {})
+
+
+def stopped_by_signal(ctx: StageContext, global_step: int) -> None:
+    """After a loop returned: if a signal stopped it, log the checkpoint it saved and stop the stage (exit 143/130)."""
+    if preempt.requested() is None:
+        return
+    saved = ctx.out / CHECKPOINTS / f"{ckpts.PREFIX}{global_step}"
+    log.warning("stopped at step %d; checkpoint saved: %s (a re-run resumes from it)", global_step, saved)
+    preempt.raise_preempted(f"stopped by a signal at step {global_step}, checkpoint {saved.name} saved")
 
 
 def fast_path_decision(fast_path: str, the_plan: Plan, trainee: Any, built: Built) -> tuple[bool, str]:
@@ -113,10 +163,15 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Plan, built: B
     with environment(rendezvous):
         args = Seq2SeqTrainingArguments(**kwargs)
         rank_zero = is_rank_zero()
+        callbacks = [stop_when_asked()] + ([regroup_each_epoch(built.train)] if built.regroup_each_epoch else [])
         trainer = make_trainer(trainee, args, built.train, built.collator, on_save=ctx.sync if rank_zero else None,
-                               eval_dataset=built.eval,
-                               callbacks=[regroup_each_epoch(built.train)] if built.regroup_each_epoch else [])
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                               eval_dataset=built.eval, callbacks=callbacks)
+        if resume is not None and ckpts.checkpoint_step(resume) >= args.max_steps > 0:
+            result = finished_at_checkpoint(trainer, resume, load_weights=not the_plan.deepspeed_config)
+        else:
+            with preempt.deferred():  # SIGTERM / SIGINT: finish the step, save a checkpoint, stop (stop_when_asked)
+                result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    stopped_by_signal(ctx, trainer.state.global_step)
     if rank_zero:
         trainer.state.save_to_json(str(ctx.out / "trainer_state.json"))
     if the_plan.deepspeed_config:
@@ -138,11 +193,13 @@ def train_with_fast_path(ctx: StageContext, trainee: Any, the_plan: Plan, built:
     """common.training.fast_train on one GPU; its checkpoints go where the Trainer's would (checkpoints/checkpoint-N)."""
     from common.training.fast_train import FastOptions, train_fast
 
-    result = train_fast(
-        trainee, built.train, built.collator, the_plan.schedule, ctx.out / CHECKPOINTS,
-        on_checkpoint=lambda _path: ctx.sync(), resume_from=resume, eval_dataset=built.eval,
-        options=FastOptions(seed=ctx.settings.seed, tensorboard_dir=str(ctx.out / TENSORBOARD)),
-    )
+    with preempt.deferred():  # SIGTERM / SIGINT: train_fast saves a checkpoint after the current step and returns
+        result = train_fast(
+            trainee, built.train, built.collator, the_plan.schedule, ctx.out / CHECKPOINTS,
+            on_checkpoint=lambda _path: ctx.sync(), resume_from=resume, eval_dataset=built.eval,
+            options=FastOptions(seed=ctx.settings.seed, tensorboard_dir=str(ctx.out / TENSORBOARD)),
+        )
+    stopped_by_signal(ctx, result["global_step"])
     state = {"global_step": result["global_step"], "max_steps": result["max_steps"],
              "log_history": result["log_history"], "fast_path": True}
     atomic_write_bytes(ctx.out / "trainer_state.json", json.dumps(state, indent=1, ensure_ascii=False).encode())

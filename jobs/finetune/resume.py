@@ -7,7 +7,8 @@ A run resumes from the newest complete checkpoint (common.training.checkpoints) 
 is unchanged: settings, inputs (extract's and pretrained's fingerprints), the plan values that change what a
 checkpoint means, and the loop that wrote it (the fast loop's and the Trainer's checkpoints never resume each
 other). Otherwise the old checkpoints are removed and training starts over (logged). On S3 the newest
-complete remote checkpoint is downloaded into the local staging folder first.
+complete remote checkpoint (its completion marker uploaded, its files verified once downloaded) is brought into
+the local staging folder first.
 """
 
 from __future__ import annotations
@@ -55,14 +56,24 @@ def restore_from_store(ctx: StageContext, kind: Kind) -> None:
         head, _, rest = key[len(prefix) + 1:].partition("/")
         if ckpts.is_step_folder(head):
             files.setdefault(head, set()).add(rest)
-    complete = [c for c, names in files.items() if ckpts.is_complete(names, kind)]
+    complete = sorted((c for c, names in files.items() if ckpts.is_complete(names, kind)), key=ckpts.checkpoint_step)
     if not complete:
         return
-    newest = max(complete, key=ckpts.checkpoint_step)
     if ctx.store.exists(f"{prefix}/{SIGNATURE}"):
         ctx.store.get_file(f"{prefix}/{SIGNATURE}", ctx.out / CHECKPOINTS / SIGNATURE)
-    log.info("downloading %s from %s to resume", newest, ctx.store.uri_for(prefix))
-    ctx.store.get_dir(f"{prefix}/{newest}", ctx.out / CHECKPOINTS / newest)
+    for name in reversed(complete):  # the newest that verifies once downloaded
+        local = ctx.out / CHECKPOINTS / name
+        if local.is_dir() and ckpts.verify(local, kind) is None:
+            return
+        shutil.rmtree(local, ignore_errors=True)
+        log.info("downloading %s from %s to resume", name, ctx.store.uri_for(prefix))
+        ctx.store.get_dir(f"{prefix}/{name}", local)
+        problem = ckpts.verify(local, kind)
+        if problem is None:
+            return
+        log.warning("skipping checkpoint %s in %s: %s; trying the one before it", name, ctx.store.uri_for(prefix),
+                    problem)
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def checkpoint_to_resume(ctx: StageContext, signature: dict[str, Any]) -> Path | None:

@@ -24,8 +24,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from common.core.runlock import RunLocked
 from common.core.settings import COMMON_FIELDS, SettingsError, StageSettings, build_parser, load_settings
-from common.core.stage import EXIT_BAD_INPUT, EXIT_OK, setup_logging
+from common.core.stage import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, setup_logging
+from common.core.store import StoreError
 from common.executors.compose import ComposeSettings, run_compose
 from common.executors.k8s import K8sSettings, run_k8s
 from common.executors.local import exit_code, print_summary, run_local
@@ -73,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_compose(steps, pipeline, common, settings)
     if settings.executor == "k8s":  # prints its own summary
         return run_k8s(steps, pipeline, common, settings)
-    results = run_local(steps, pipeline, common, settings)
+    try:
+        results = run_local(steps, pipeline, common, settings)
+    except (RunLocked, StoreError) as e:
+        log.error("run failed: %s", e)
+        return EXIT_FAILED
     if settings.dry_run:
         return EXIT_OK
     print_summary(results, settings)

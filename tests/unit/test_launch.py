@@ -181,6 +181,9 @@ def _touch_checkpoint(folder, names, step):
     ckpt.mkdir(parents=True)
     for name in names:
         (ckpt / name).write_text(json.dumps({"global_step": step, "max_steps": 10}) if name.endswith(".json") else "x")
+    from common.training.checkpoints import seal
+
+    seal(ckpt)  # the completion marker both loops write last
     return ckpt
 
 

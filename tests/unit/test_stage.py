@@ -163,13 +163,17 @@ def test_failure_exit_code_and_no_manifest(tmp_path, caplog, error, code):
         assert str(error) in caplog.text
 
 
-def test_unexpected_error_propagates_without_manifest(tmp_path):
+@pytest.mark.parametrize("level, traceback", [("INFO", False), ("DEBUG", True)])
+def test_unexpected_error_is_one_message_without_manifest(tmp_path, capsys, level, traceback):
     def body(ctx):
         raise ZeroDivisionError("a bug")
 
-    with pytest.raises(ZeroDivisionError):
-        run_stage("extract", settings(tmp_path), {}, body)
+    s = settings(tmp_path).model_copy(update={"log_level": level})
+    assert run_stage("extract", s, {}, body) == 1
     assert not manifest_path(tmp_path).exists()
+    err = capsys.readouterr().err
+    assert "extract failed: unexpected error ZeroDivisionError: a bug" in err and "--log-level DEBUG" in err
+    assert ("Traceback (most recent call last)" in err) is traceback
 
 
 def test_crashed_run_resumes_with_its_files(tmp_path):

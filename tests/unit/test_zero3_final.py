@@ -20,7 +20,7 @@ import torch
 from common.core.settings import environment
 from common.core.stage import StageFailed
 from common.families.whisper.trainee import ModeSpec, make_trainee, merged_whisper, save_final
-from common.training.checkpoints import REQUIRED
+from common.training.checkpoints import REQUIRED, seal
 from common.training.planner import Resources, plan
 from common.training.trainer import TrainError, load_trained_weights
 from jobs.finetune.loops import (
@@ -189,6 +189,7 @@ def write_zero3_checkpoint(trainee, folder: Path, world_size: int) -> Path:
     (folder / "latest").write_text(tag)
     for name in REQUIRED["trainer"]:  # the stage's own files: what makes the checkpoint complete for resume
         (folder / name).write_text("{}")
+    seal(folder)  # the completion marker the Trainer path writes last
     return folder
 
 
