@@ -1,4 +1,6 @@
 """Reading a transcript CSV and checking its rows: columns, ids → audio files, and why a row is rejected.
+(The other manifest formats — JSON lines, Kaldi, audiofolder — are read in ``common.core.manifest`` into the
+same rows, checked here.)
 
 A bad row never stops a stage: each problem becomes a *rejected row* with a stable reason code (below)
 and an English message that says what was found and how to fix it. Only a problem with a whole file
@@ -8,10 +10,11 @@ Reason codes (``rejected.jsonl`` → ``reason``; stable, scripts may rely on the
 
 | reason                       | the row is rejected when                                                      |
 |------------------------------|-------------------------------------------------------------------------------|
-| `malformed_row`              | the line is not valid UTF-8, not parseable CSV (stray quote), has the wrong   |
-|                              | number of fields, an empty id, or control characters (NUL …) in a field       |
-| `path_escape`                | the id is an absolute path, a URL, contains `..`, or resolves (symlink)       |
-|                              | outside the audio folder                                                      |
+| `malformed_row`              | the line cannot be decoded, is not parseable CSV (stray quote) or JSON, has   |
+|                              | the wrong number of fields or keys, an empty id, or control characters        |
+| `kaldi_command`              | a Kaldi wav.scp entry is a command (`sox … \|`) or an archive offset         |
+| `path_escape`                | the path is a URL, contains `..`, is absolute outside the audio folder and    |
+|                              | every --audio-root, or resolves (symlink) outside them                        |
 | `duplicate_id`               | an earlier row (of this CSV or the train CSV) has the same id — the first one |
 |                              | wins; `utt1` and `utt1.wav` are the same id                                   |
 | `empty_text`                 | the transcript is empty or only whitespace                                    |
@@ -20,8 +23,8 @@ Reason codes (``rejected.jsonl`` → ``reason``; stable, scripts may rely on the
 | `unreadable_file`            | the file exists but cannot be read (permissions, S3 error)                    |
 | `empty_file`                 | the file is 0 bytes                                                           |
 | `not_audio`                  | libsndfile does not recognise it and it does not start like audio             |
-| `unsupported_format`         | audio libsndfile cannot decode (M4A/AAC, AMR, WMA): convert it first          |
-| `corrupt_audio`              | it starts like WAV/FLAC/OGG/MP3/… but cannot be decoded                       |
+| `unsupported_format`         | audio libsndfile cannot decode while PyAV (FFmpeg) is not installed           |
+| `corrupt_audio`              | it starts like WAV/FLAC/OGG/MP3/M4A/… but cannot be decoded                   |
 | `non_finite_samples`         | a sample is NaN or ±inf                                                       |
 | `too_short`                  | shorter than `--min-seconds` (0.1 s)                                          |
 | `too_long`                   | longer than `--max-seconds` (30 s: one model window)                          |
@@ -29,26 +32,30 @@ Reason codes (``rejected.jsonl`` → ``reason``; stable, scripts may rely on the
 | `text_too_long_for_duration` | more characters than `5 + 15 × seconds` could be spoken in the clip           |
 | `duplicate_audio`            | byte-identical to the audio of an earlier kept row (train/test leakage)       |
 
-Checks run in this order and a row gets the first reason that applies: malformed_row, path_escape,
+Checks run in this order and a row gets the first reason that applies: malformed_row/kaldi_command, path_escape,
 duplicate_id, empty_text, punctuation_only_text, missing_file/path_escape (symlink), the audio checks,
 text_too_long_for_duration, duplicate_audio.
 
 CSV rules (decided here, documented for users):
 
-- UTF-8 with or without BOM. A UTF-16 file is refused as a whole (save it as "CSV UTF-8"); a line whose
-  bytes are not UTF-8 is a ``malformed_row`` (with a hint when it looks like GBK/GB18030).
+- UTF-8 with or without BOM. A file in which no line is UTF-8 is read in the encoding detected (GB18030 —
+  a superset of GBK —, Big5, else charset-normalizer's guess; a warning names it), or in ``--encoding``. A
+  UTF-16 file is refused as a whole (save it as "CSV UTF-8", or pass --encoding utf-16); in a UTF-8 file, a
+  line whose bytes are not UTF-8 is a ``malformed_row`` (with a hint when it looks like GBK/GB18030), and the
+  console says which lines.
 - One record per line: a transcript never spans lines, so a stray quote costs one row instead of
   swallowing every row after it. Quoted fields (``"你好,世界"``) work as usual within a line.
-- Delimiter: tab when the first line contains a tab, else comma. Blank lines are skipped.
+- Delimiter: tab when the first line contains a tab, else what ``csv.Sniffer`` finds among ``, ; |``, else
+  comma. Blank lines are skipped.
 - Header: the first line is the header when it names an id column and a text column (case-insensitive):
-  id ``id, audio_id, utt, utt_id, file, filename, path, wav``; text ``text, transcript, sentence,
-  label, answer`` (the first one present in that order wins), or the names given with ``--id-column`` /
+  id ``id, audio_id, utt, utt_id, file, filename, file_name, path, wav, audio_filepath``; text ``text,
+  transcript, transcription, sentence, label, answer`` (the first one present in that order wins), or the names given with ``--id-column`` /
   ``--text-column``. A file whose first line names no known column and that has exactly two columns is read
   as *headerless* ``id,text`` (a warning says so). Anything else is refused with the columns found.
 - Extra trailing empty fields (``utt1,你好,`` from spreadsheet exports) are ignored.
 
 Ids are paths relative to the audio folder (``utt1``, ``utt1.wav``, ``spk1/utt1``; ``\\`` counts as
-``/``). The file is looked up as given, then with each extension of :data:`AUDIO_EXTENSIONS` (lower and
+``/``), or absolute paths inside it or inside an ``--audio-root``. The file is looked up as given, then with each extension of :data:`AUDIO_EXTENSIONS` (lower and
 upper case). The record id is the id without a known audio extension.
 """
 

@@ -97,8 +97,10 @@ class SetSpec(BaseModel):
 
     name: str = Field(..., pattern=NAME_PATTERN, description="set name in metrics and reports")
     jsonl: str | None = Field(None, description="records JSONL; run:prepare/test.jsonl = a file of this run")
-    csv: str | None = Field(None, description="transcript CSV (audio id + text)")
-    audio_dir: str | None = Field(None, description="folder with the CSV's audio files")
+    csv: str | None = Field(None, description="transcript manifest: CSV/TSV, NeMo/FunASR JSON lines, a Kaldi data "
+                                              "folder or a Hugging Face audiofolder (format detected)")
+    audio_dir: str | None = Field(None, description="folder with the manifest's audio files [default: the "
+                                                    "manifest's folder]")
     dir: str | None = Field(None, description=f"folder holding {DIR_CSV} (audio id + text) and {DIR_AUDIO}/")
     optional: bool = Field(False, description="skip the set with a warning when its files or variables are missing")
 
@@ -107,8 +109,6 @@ class SetSpec(BaseModel):
         if sum(map(bool, (self.jsonl, self.csv, self.dir))) != 1:
             raise ValueError(f"set {self.name!r}: give exactly one of jsonl (records), csv + audio_dir, or dir "
                              f"(a folder holding {DIR_CSV} and {DIR_AUDIO}/)")
-        if self.csv and not self.audio_dir:
-            raise ValueError(f"set {self.name!r}: csv needs audio_dir (the folder holding its audio files)")
         if self.audio_dir and not self.csv:
             raise ValueError(f"set {self.name!r}: audio_dir is given without csv")
         return self
@@ -199,8 +199,6 @@ class EvaluateSettings(StageSettings):
         problems = []
         if self.test_jsonl and self.test_csv:
             problems.append("--test-jsonl and --test-csv are both given; use one (or list several sets in `sets`)")
-        if self.test_csv and not self.test_audio_dir:
-            problems.append("--test-csv needs --test-audio-dir (the folder holding its audio files)")
         if self.test_audio_dir and not self.test_csv:
             problems.append("--test-audio-dir is given without --test-csv")
         names = [s.name for s in self.sets] + ([self.set_name] if self.test_jsonl or self.test_csv else [])
@@ -236,8 +234,9 @@ class ModelEntry:
 class SetEntry:
     spec: SetSpec
     path: Path  # the JSONL or CSV
-    audio_dir: Path | None  # the CSV's audio folder; None for a JSONL
+    audio_dir: Path | None  # the manifest's audio folder (None: the manifest's own folder)
     fingerprint: Any
+    manifest: bool = False  # read through common.core.manifest (CSV, NeMo, Kaldi, …), not as prepare records
 
 
 @dataclass
@@ -342,10 +341,22 @@ def _set_entry(spec: SetSpec, store: Store, run_id: str) -> SetEntry:
         if any(not p.is_absolute() for p in missing):
             expected += f" (relative paths are relative to {Path.cwd()})"
         raise SetUnavailable(f"{', '.join(map(str, missing))} not found{where}; {expected}")
-    fingerprint: dict[str, Any] = {"file": _file_fingerprint(path)}
-    if audio_dir is not None:
-        fingerprint["audio"] = listing_fingerprint(audio_dir)
-    return SetEntry(spec, path, audio_dir, fingerprint)
+    manifest = source != "jsonl" or not _is_records_file(path)
+    fingerprint: dict[str, Any] = {"file": _file_fingerprint(path) if path.is_file() else listing_fingerprint(path)}
+    if manifest:
+        fingerprint["audio"] = listing_fingerprint(audio_dir if audio_dir is not None else
+                                                   path if path.is_dir() else path.parent)
+    return SetEntry(spec, path, audio_dir, fingerprint, manifest)
+
+
+def _is_records_file(path: Path) -> bool:
+    """Whether a JSON-lines file holds prepare's records (else it is read as a NeMo/FunASR manifest)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = next((line for line in f if line.strip()), "")
+        return "conversation" in json.loads(first)
+    except (OSError, ValueError, TypeError):
+        return True  # the record reader says what is wrong with it
 
 
 def plan_evaluation(settings: EvaluateSettings, store: Store) -> Plan:
@@ -416,7 +427,7 @@ def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
     """CSV + audio folder → utterances, through prepare's checks and conversion with prepare's default limits
     (``common.core.convert``; 16 kHz mono wav in ``work``)."""
     try:
-        scan = scan_csvs([("test", str(entry.path), str(entry.audio_dir))], s3)
+        scan = scan_csvs([("test", str(entry.path), str(entry.audio_dir) if entry.audio_dir else None)], s3)
     except DatasetError as e:
         raise StageFailed(f"set {entry.spec.name!r}: {e}", exit_code=2) from None
     limits = ClipLimits()
@@ -441,13 +452,18 @@ def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
 def load_sets(plan: Plan, work: Path, s3) -> list[LoadedSet]:
     loaded = []
     for entry in plan.sets:
-        data = _jsonl_set(entry) if entry.audio_dir is None else _csv_set(entry, work, s3)
-        if data.rejected:
+        data = _csv_set(entry, work, s3) if entry.manifest else _jsonl_set(entry)
+        if data.rejected and not data.utterances:
+            for r in data.rejected[:10]:
+                log.error("evaluate: set %r line %s: %s: %s", data.name, r.get("line"), r["reason"], r["message"])
+        elif data.rejected:
             log.warning("evaluate: set %r: %d bad row(s) skipped (see rejected.jsonl): %s", data.name,
                         len(data.rejected), "; ".join(f"line {r.get('line')}: {r['reason']}" for r in data.rejected[:5]))
         if not data.utterances:
             raise StageFailed(f"set {data.name!r} ({entry.path}) has no usable utterance; "
-                              f"{len(data.rejected)} row(s) rejected (see the log)", exit_code=2)
+                              f"{len(data.rejected)} row(s) rejected ("
+                              + ", ".join(sorted({r['reason'] for r in data.rejected})) + "; each row's reason is "
+                              "in the log above)", exit_code=2)
         log.info("evaluate: set %r: %d utterances, %.1f s of audio", data.name, len(data.utterances),
                  sum(u.duration or 0 for u in data.utterances))
         loaded.append(data)
