@@ -12,7 +12,7 @@ Reason codes (``rejected.jsonl`` → ``reason``; stable, scripts may rely on the
 |------------------------------|-------------------------------------------------------------------------------|
 | `malformed_row`              | the line cannot be decoded, is not parseable CSV (stray quote) or JSON, has   |
 |                              | the wrong number of fields or keys, an empty id, or control characters        |
-| `kaldi_command`              | a Kaldi wav.scp entry is a command (`sox … \|`) or an archive offset         |
+| `kaldi_command`              | a Kaldi wav.scp entry is a command (`sox … \\|`) or an archive offset         |
 | `path_escape`                | the path is a URL, contains `..`, is absolute outside the audio folder and    |
 |                              | every --audio-root, or resolves (symlink) outside them                        |
 | `duplicate_id`               | an earlier row (of this CSV or the train CSV) has the same id — the first one |

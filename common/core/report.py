@@ -691,8 +691,9 @@ def _markdown(title, generated, metrics, rows, extra, worst_n) -> str:
 
 
 DEFINITIONS_MD = (
-    "- Texts are normalized before scoring: NFKC (full-width → half-width), traditional → simplified "
-    "(OpenCC t2s), punctuation and whitespace removed, Latin lower-cased.",
+    "- Texts are normalized before scoring as the Text normalization section says (by default: NFKC "
+    "(full-width → half-width), traditional → simplified (OpenCC t2s), punctuation and whitespace removed, "
+    "Latin lower-cased, Chinese numerals read as digits on both sides, so 「三个」 = 「3个」).",
     "- CER = (substitutions + deletions + insertions) / reference characters, summed over the set "
     "(corpus level, not the mean of per-utterance CERs); it can exceed 100% with many insertions.",
     "- WER counts each CJK character and each Latin/digit word as one token (mixed error rate); it is "

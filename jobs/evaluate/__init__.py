@@ -177,6 +177,18 @@ class EvaluateSettings(StageSettings):
     batch_size: int = Field(0, ge=0, description="utterances per batch (0 = 8 on CPU, 32 on GPU)")
     threads: int = Field(0, ge=0, description="CPU threads for CTranslate2 (0 = every core this process may use)")
     title: str = Field("ASR evaluation · 语音识别评估", description="report title")
+    text_norm: str = Field(
+        "default", description="text normalization, the same for training targets (extract) and scoring "
+                               "(evaluate, score): default (every step), none, or a comma list of fullwidth, "
+                               "simplified, lowercase, punctuation, numbers (Chinese numerals → digits, scoring "
+                               "only)", examples=["default", "fullwidth,simplified,punctuation"])
+
+    @field_validator("text_norm")
+    @classmethod
+    def _text_norm(cls, value: str) -> str:
+        from common.core.text import TextPolicy
+
+        return TextPolicy.parse(value).spec()
 
     @field_validator("model")
     @classmethod
@@ -570,7 +582,11 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="asrft-evaluate-") as work:
         sets = load_sets(plan, Path(work), settings.s3)
         rows, info = transcribe_all(plan, sets, settings, evaluation_family(settings, ctx.store))
-    scored = score_rows(rows, "evaluate predictions")
+    from common.core.text import TextPolicy
+    from jobs.score import text_norm_extra
+
+    policy = TextPolicy.parse(settings.text_norm)
+    scored = score_rows(rows, "evaluate predictions", policy)
     metrics = metrics_by_model_set(scored)
     rejected = [r for s in sets for r in s.rejected]
     unreadable = {(r["set"], r["id"]): r["error"] for r in info["unreadable"]}  # the same for every model
@@ -579,10 +595,11 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
     info["sets"] = {s.name: {"utterances": len(s.utterances), "rejected": len(s.rejected)} for s in sets}
     info["skipped_sets"] = plan.skipped_sets
 
+    info["text_norm"] = policy.spec()
     write_jsonl(ctx.out / "predictions.jsonl", ({k: r.get(k) for k in PREDICTION_KEYS} for r in scored))
     write_jsonl(ctx.out / "rejected.jsonl", rejected)
     atomic_write_bytes(ctx.out / "run_info.json", (json.dumps(info, ensure_ascii=False, indent=2) + "\n").encode())
-    write_report(ctx.out, metrics, scored, settings.title, report_extra(info, rejected))
+    write_report(ctx.out, metrics, scored, settings.title, {**report_extra(info, rejected), **text_norm_extra(policy)})
     summary = {m: {s: {"cer": v["cer"], "n": v["n"]} for s, v in sets_.items()} for m, sets_ in metrics.items()}
     for model, sets_ in summary.items():
         for set_name, v in sets_.items():
