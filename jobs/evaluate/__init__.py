@@ -599,7 +599,8 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
     write_jsonl(ctx.out / "predictions.jsonl", ({k: r.get(k) for k in PREDICTION_KEYS} for r in scored))
     write_jsonl(ctx.out / "rejected.jsonl", rejected)
     atomic_write_bytes(ctx.out / "run_info.json", (json.dumps(info, ensure_ascii=False, indent=2) + "\n").encode())
-    write_report(ctx.out, metrics, scored, settings.title, {**report_extra(info, rejected), **text_norm_extra(policy)})
+    write_report(ctx.out, metrics, scored, settings.title,
+                 {**report_extra(info, rejected), **training_extra(ctx), **text_norm_extra(policy)})
     summary = {m: {s: {"cer": v["cer"], "n": v["n"]} for s, v in sets_.items()} for m, sets_ in metrics.items()}
     for model, sets_ in summary.items():
         for set_name, v in sets_.items():
@@ -607,6 +608,28 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
                      "—" if v["cer"] is None else f"{100 * v['cer']:.1f}%", v["n"])
     return {"metrics": summary, "rejected": len(rejected), "family": info["family"], "backend": info.get("backend"),
             "device": info["device"]}
+
+
+def training_extra(ctx: StageContext) -> dict[str, Any]:
+    """The report's training section when this run fine-tuned a model: the loss on the training data and on the
+    held-out clips (eval_holdout) over the steps, and where the curves went (report_to)."""
+    from common.core.stage import read_manifest
+
+    try:
+        manifest = read_manifest(ctx.store, ctx.settings.run_id, "finetune")
+    except Exception:  # a report without this section beats no report
+        return {}
+    summary = (manifest or {}).get("summary") or {}
+    if not summary:
+        return {}
+    evals = summary.get("eval_losses") or []
+    return {"Training · 训练 (finetune)": {
+        "mode": summary.get("mode"), "steps": summary.get("global_step"), "train_clips": summary.get("train_clips"),
+        "train loss (first → last logged)": f"{summary.get('first_logged_loss')} → {summary.get('last_logged_loss')}",
+        "validation loss on held-out clips (step: loss)": ", ".join(f"{st}: {lo}" for st, lo in evals)
+        or "none (no clips held out: eval_holdout 0, or too few training clips)",
+        "curves": f"report_to {summary.get('report_to') or ['tensorboard']} (TensorBoard: finetune/tensorboard/)",
+    }}
 
 
 def report_extra(info: dict[str, Any], rejected: list[dict[str, Any]]) -> dict[str, Any]:

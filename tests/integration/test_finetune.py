@@ -189,6 +189,15 @@ def test_finetune_plan_checkpoints_final(run_dirs):
     assert not np.allclose(merged.state_dict()[q].numpy(), base.state_dict()[q].numpy())  # LoRA changed it
     frozen = "model.encoder.layers.0.fc1.weight"  # below --frozen-encoder-layers 1: untouched
     np.testing.assert_array_equal(merged.state_dict()[frozen].numpy(), base.state_dict()[frozen].numpy())
+    # the adapter in PEFT's format: the pretrained model + adapter/ has the merged weights of final/
+    from peft import PeftModel
+
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    with_adapter = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    np.testing.assert_allclose(with_adapter.state_dict()[q].numpy(), merged.state_dict()[q].numpy(), atol=1e-6)
+    summary = json.loads((out / MANIFEST).read_text())["summary"]
+    assert summary["final"]["adapter"] == "adapter" and summary["report_to"] == ["tensorboard"]
     # a second run with the same settings is skipped by its manifest
     mtime = (final / "model.safetensors").stat().st_mtime_ns
     assert main(finetune_args(common, "--epochs", "3", "--context-seconds", "2")) == 0
