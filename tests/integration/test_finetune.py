@@ -156,7 +156,7 @@ def test_finetune_plan_checkpoints_final(run_dirs):
     from jobs.finetune.__main__ import main
 
     artifacts, common = run_dirs
-    assert extract_main([*common, "--epochs", "3", "--force"]) == 0  # the fixture extracted with other settings
+    assert extract_main([*common, "--epochs", "3", "--force"]) == 0  # earlier tests of this run extracted with other settings
     assert main(finetune_args(common, "--epochs", "3", "--context-seconds", "2", "--force")) == 0
     out = artifacts / "r" / "finetune"
     plan = json.loads((out / "plan.json").read_text())
@@ -210,7 +210,7 @@ def test_packed_windows(run_dirs):
     from jobs.finetune.__main__ import main
 
     artifacts, common = run_dirs
-    assert extract_main([*common, "--epochs", "3", "--force"]) == 0  # the fixture extracted with other settings
+    assert extract_main([*common, "--epochs", "3", "--force"]) == 0  # earlier tests of this run extracted with other settings
     out = artifacts / "r" / "finetune"
     assert main(finetune_args(common, "--epochs", "2", "--pack-clips", "3", "--force")) == 0
     plan = json.loads((out / "plan.json").read_text())
@@ -237,7 +237,7 @@ def test_resume_after_kill(run_dirs, capsys):
     from jobs.extract.__main__ import main as extract_main
 
     artifacts, common = run_dirs
-    assert extract_main([*common, "--epochs", "3", "--force"]) == 0  # the fixture extracted with other settings
+    assert extract_main([*common, "--epochs", "3", "--force"]) == 0  # earlier tests of this run extracted with other settings
     common = ["--artifacts", str(artifacts), "--run-id", "r"]
     # a run with a checkpoint every 4 steps: killed as soon as the first checkpoint is complete
     argv = finetune_args(common, "--max-steps", "16", "--save-steps", "4", "--context-seconds", "2")
