@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv with everything (apt packages included)
+setup: system-deps $(STAMP) ## create .venv with everything (apt packages included; a missing one is installed even when .venv is up to date)
 
 test: setup ## run the fast test suite (unit + integration; < 10 min on 2 cores)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=15

@@ -1,4 +1,7 @@
-"""The prepare stage: transcript CSV(s) + audio folder(s) → checked, converted train/test records.
+"""The prepare stage: transcript manifest(s) + audio folder(s) → checked, converted train/test records.
+
+Manifests: CSV/TSV, JSON lines (NeMo, FunASR, records), Kaldi data folders, Hugging Face audiofolders — read by
+``common.core.manifest`` into the same rows (the format is detected, or ``--format``).
 
     scan = scan_inputs(settings)     # read the CSVs, check each row, find its audio file (no decoding)
     summary = prepare(ctx, scan)     # decode + convert the audio, split, write the outputs

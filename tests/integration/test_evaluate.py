@@ -157,7 +157,7 @@ def test_evaluate_models_and_sets(tmp_path: Path, tiny: dict[str, Path], data: d
     report = (out / "report.md").read_text()
     for text in ("Decoding settings", "greedy", "Throughput", "missing_file", "empty_text", "csvset"):
         assert text in report
-    assert "data:image/png;base64," in (out / "report.html").read_text()
+    assert (out / "report.html").read_text().count("<svg role=\"img\"") == 3  # the plots, inline SVG
 
     manifest = (out / "_manifest.json").read_bytes()
     assert evaluate(argv) == 0  # same models, sets, settings → skipped
