@@ -345,7 +345,6 @@ def test_score_reports_malformed_lines(tmp_path: Path, capsys: pytest.CaptureFix
 def test_test_sets_in_other_manifest_formats(tmp_path: Path, data: dict[str, Path]) -> None:
     """A NeMo manifest given as jsonl, a Kaldi folder and a CSV without an audio folder are read as manifests
     (checked and converted like prepare's input); prepare's records stay records."""
-    from common.core.stage import StageFailed
     from common.core.store import open_store
     from jobs.evaluate import EvaluateSettings, load_sets, plan_evaluation
 
