@@ -237,12 +237,17 @@ DELIMITERS = ",\t;|"
 
 
 def sniff_delimiter(lines: list[str]) -> str:
-    """The CSV delimiter: tab when the first line has one, else what ``csv.Sniffer`` finds among ``, ; |`` in
-    the first lines (a header with one of them wins), else comma."""
+    """The CSV delimiter: tab when the first line has one, else the one of ``, ; |`` that splits the header into
+    known column names, else what ``csv.Sniffer`` finds among them in the first lines, else comma."""
     if not lines:
         return ","
     if "\t" in lines[0]:
         return "\t"
+    known = {*ID_COLUMNS, *TEXT_COLUMNS}
+    for delimiter in ",;|":  # a header naming known columns decides, whatever the transcripts contain
+        names = [_column_key(n) for n in lines[0].split(delimiter)]
+        if len(names) >= 2 and known & set(names):
+            return delimiter
     try:
         return csv.Sniffer().sniff("\n".join(lines), delimiters=DELIMITERS).delimiter
     except csv.Error:
@@ -313,7 +318,10 @@ def detect_encoding(data: bytes) -> str | None:
     import charset_normalizer
 
     guesses = [m.encoding for m in charset_normalizer.from_bytes(data)]
-    for enc in dict.fromkeys([*_CJK_ENCODINGS, *guesses]):
+    # Big5 bytes also decode as GB18030 (into other characters): Big5 wins when charset-normalizer rules
+    # GB18030 out; GB18030 otherwise (GBK text is often guessed as Big5 or CP949 among other candidates).
+    first = ("big5", "gb18030") if "big5" in guesses and "gb18030" not in guesses else _CJK_ENCODINGS
+    for enc in dict.fromkeys([*first, *guesses]):
         try:
             text = data.decode(enc)
         except (UnicodeDecodeError, LookupError):
