@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(StatusSettings, prog="asr-ft status", description=__doc__.strip(), epilog=EXAMPLES)
     parser.add_argument("run", nargs="?", help="a run id (default: list the runs)")
     ns = vars(parser.parse_args(argv))
-    run = ns.pop("run", None)
+    run = ns.pop("run", None) or ns.get("run_id")  # `asr-ft status demo` or `asr-ft status --run-id demo`
     config = ns.pop("config", None)
     try:
         settings = load_settings(StatusSettings, ns, config)

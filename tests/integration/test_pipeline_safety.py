@@ -175,3 +175,10 @@ def test_status_done_stale_failed_running(tmp_path, data, capsys):
     assert "prepare" in one and "stale" in one and "prepare changed since" in one
     assert status_main(["nope", "--artifacts", str(runs)]) == 2
     assert "no run 'nope'" in capsys.readouterr().err
+
+
+def test_status_takes_the_run_as_a_flag_too(tmp_path, data, capsys):
+    assert prepare(data, tmp_path) == 0
+    assert status_main(["--run-id", "r1", "--artifacts", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("run r1") and "prepare" in out and "done" in out
