@@ -96,6 +96,8 @@ def detect_format(uri: str, data: bytes | None = None) -> str:
             "audiofolder); pass the manifest file itself (CSV or JSON lines), or add --format"
         )
     lower = uri.lower()
+    if lower.endswith("/wav.scp") or lower == "wav.scp":
+        return "kaldi"
     if lower.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
     if lower.endswith((".tsv", ".csv", ".txt")):
@@ -117,6 +119,8 @@ def read_manifest(
     if fmt == "auto":
         fmt = detect_format(uri, data)
     if fmt == "kaldi":
+        if uri.rstrip("/").endswith(("/wav.scp", "/text")) and not _is_local_dir(uri):
+            uri = _parent(uri)  # a file of the data folder given: the folder
         return _read_kaldi(uri, split, s3, encoding)
     if fmt == "audiofolder":
         if _is_local_dir(uri):
@@ -238,6 +242,11 @@ def _record_row(row: Row, obj: dict) -> Problem | None:
 def _read_kaldi(uri: str, split: str, s3: S3Settings | None, encoding: str | None) -> Manifest:
     """A Kaldi data folder: ``wav.scp`` (``<utt> <path>``) + ``text`` (``<utt> <transcript>``), in text's order."""
     scp_uri, text_uri = _join(uri, "wav.scp"), _join(uri, "text")
+    if _is_local_dir(uri) and (Path(uri.removeprefix("file://")).expanduser() / "segments").is_file():
+        raise DatasetError(
+            f"{uri} has a segments file: its wav.scp names whole recordings that segments cuts into utterances, "
+            "which prepare does not do. Cut the utterances into files first (Kaldi's extract-segments, or "
+            "`sox rec.wav utt.wav trim START =END` per line) and list those in wav.scp")
     scp_data = read_input_bytes(scp_uri, s3, what="Kaldi wav.scp")
     text_data = read_input_bytes(text_uri, s3, what="Kaldi text")
     name = Path(uri.rstrip("/")).name or uri

@@ -271,3 +271,16 @@ def test_aliases_and_no_abbreviations(audio, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--train-c", str(manifest), *flags, "--artifacts", str(tmp_path / "runs"), "--run-id", "abbrev"])
     assert "unrecognized arguments: --train-c" in capsys.readouterr().err
+
+
+def test_kaldi_given_as_its_wav_scp_file(audio, tmp_path):
+    folder, flags = write_set("kaldi", audio, tmp_path / "k")
+    rc, out = prepared(tmp_path, "scp", folder / "wav.scp", *flags)
+    assert rc == 0 and [r[0] for r in essence(out)] == list(CLIPS)
+
+
+def test_kaldi_segments_are_refused_with_how_to_cut_them(audio, tmp_path, capsys):
+    folder, flags = write_set("kaldi", audio, tmp_path / "k")
+    (folder / "segments").write_text("utt1 rec1 0.0 1.0\n", encoding="utf-8")
+    rc, _ = prepared(tmp_path, "seg", folder, *flags)
+    assert rc == 2 and "segments" in capsys.readouterr().err
