@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch: this machine provides the 2.13 CPU wheel; override e.g. TORCH_SPEC='torch==2.11.*' for another build.
 TORCH_SPEC ?= torch==2.13.0
-APT_PACKAGES := espeak-ng sox libsndfile1
+APT_PACKAGES := espeak-ng sox libsndfile1 chromium fonts-wqy-microhei
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-system-deps: ## install espeak-ng, sox, libsndfile through apt when missing
+system-deps: ## install espeak-ng, sox, libsndfile, chromium + a CJK font (the report test) through apt when missing
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv with everything (apt packages included)
+setup: system-deps $(STAMP) ## create .venv with everything (apt packages included; a missing one is installed even when .venv is up to date)
 
 test: setup ## run the fast test suite (unit + integration; < 10 min on 2 cores)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=15

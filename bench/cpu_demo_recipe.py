@@ -509,7 +509,7 @@ def append_result(row: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bundle")
     b.add_argument("--demo-data", type=Path, required=True)

@@ -674,7 +674,7 @@ def parent(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="result JSON; the plan goes beside it (.plan.json)")
     parser.add_argument("--host-cap-gb", type=float, default=100.0, help="kill a case above this host RSS (GB)")
     parser.add_argument("--time-limit-s", type=float, default=240.0, help="kill a case after this many seconds")

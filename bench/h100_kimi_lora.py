@@ -1088,7 +1088,7 @@ def notes(report: dict[str, Any], tiny: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--out", help=f"result JSON [default: {DEFAULT_OUT.relative_to(REPO)}; --tiny: {TINY_OUT}]")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     ap.add_argument("--warmup-steps", type=int, help="untimed optimizer steps first [3; --tiny: 1]")

@@ -328,7 +328,7 @@ def compile_economics(compiled: dict[str, Any], eager: dict[str, Any], plan_step
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per configuration")
     ap.add_argument("--profile-steps", type=int, default=2, help="steps profiled (torch.profiler) in the main variant")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="fast-path variants; the first is the asrft figure")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", type=Path, required=True, help="the Kimi-Audio-7B(-Instruct) folder")
     parser.add_argument("--speech-tokenizer", type=Path, required=True, help="the glm-4-voice-tokenizer folder")
     parser.add_argument("--example", type=Path, help="a clip to transcribe (e.g. upstream's asr_example.wav)")

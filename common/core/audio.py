@@ -1,11 +1,12 @@
-"""Audio IO: decode anything libsndfile reads into float32 mono 16 kHz, check it, write 16-bit wav.
+"""Audio IO: decode anything libsndfile or FFmpeg reads into float32 mono 16 kHz, check it, write 16-bit wav.
 
     samples, info = load_audio("clip.flac")          # float32 mono at SAMPLE_RATE, in [-1, 1] for PCM input
     problem = check_audio(samples)                    # None, or an AudioProblem with a reason code
     write_wav16("out/clip.wav", samples)              # PCM_16 wav, written atomically
 
 Decoding is soundfile (libsndfile: WAV 8/16/24/32-bit integer and 32/64-bit float, FLAC, OGG/Vorbis, MP3,
-AIFF, CAF, W64, ...). Several channels are down-mixed by averaging (what a mono microphone at the same
+AIFF, CAF, W64, ...); what it does not read (M4A/AAC, Opus in WebM/Matroska, AMR, WMA, …) is decoded with
+FFmpeg through PyAV (``av``, installed with faster-whisper). Several channels are down-mixed by averaging (what a mono microphone at the same
 spot would hear), then resampled to 16 kHz with soxr at quality "HQ" (a band-limited resampler with
 20-bit, ~120 dB precision; linear interpolation would alias speech energy above 8 kHz into the band).
 
@@ -15,8 +16,8 @@ Problems carry a stable reason code (the same strings prepare writes into ``reje
 |----------------------|-------------------------------------------------------------------------------|
 | `empty_file`         | the file has 0 bytes                                                          |
 | `not_audio`          | libsndfile does not recognise the bytes and they do not start like audio      |
-| `unsupported_format` | the bytes are audio libsndfile cannot decode (MP4/M4A/AAC, AMR, WMA)          |
-| `corrupt_audio`      | it starts like an audio format libsndfile reads, but decoding fails           |
+| `unsupported_format` | audio libsndfile cannot decode while PyAV (FFmpeg) is not installed           |
+| `corrupt_audio`      | it starts like a known audio format, but decoding fails                       |
 | `non_finite_samples` | a decoded sample is NaN or ±inf (float wav/flac written by buggy code)        |
 | `too_short`          | shorter than `min_seconds` (default 0.1 s)                                    |
 | `too_long`           | longer than `max_seconds` (default 30 s: one model window)                    |
@@ -128,7 +129,12 @@ def _decode(f: BinaryIO, *, max_seconds: float | None = None) -> tuple[np.ndarra
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as e:
         f.seek(0)
-        raise _decode_problem(f.read(16), e) from None
+        head = f.read(16)
+        sniffed = sniff_format(head)
+        if sniffed is not None and sniffed[1]:  # a format libsndfile reads, damaged: FFmpeg would guess
+            raise _decode_problem(head, e) from None
+        f.seek(0)
+        return _decode_ffmpeg(f, head, e, max_seconds=max_seconds)
     if not np.isfinite(frames).all():
         bad = int(np.count_nonzero(~np.isfinite(frames)))
         raise AudioProblem(
@@ -136,6 +142,52 @@ def _decode(f: BinaryIO, *, max_seconds: float | None = None) -> tuple[np.ndarra
             f"{bad} of {frames.size} samples are NaN or infinite ({info.format}/{info.subtype}); "
             "the file was written by faulty code — regenerate it",
         )
+    return resample(downmix(frames), info.sample_rate), info
+
+
+def _decode_ffmpeg(f: BinaryIO, head: bytes, sf_error: Exception, *,
+                   max_seconds: float | None) -> tuple[np.ndarray, AudioInfo]:
+    """Decode what libsndfile does not read (M4A/AAC, Opus in WebM, AMR, WMA, …) with FFmpeg through PyAV."""
+    try:
+        import av
+    except ImportError:  # PyAV comes with faster-whisper; without it only libsndfile's formats are read
+        raise _decode_problem(head, sf_error) from None
+    try:
+        with av.open(f, mode="r") as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise AudioProblem("not_audio", "the file holds no audio stream (FFmpeg found "
+                                                f"{', '.join(s.type for s in container.streams) or 'nothing'}); "
+                                                "point the row at the recording")
+            fmt = f"{container.format.name.split(',')[0].upper()}/{stream.codec_context.name.upper()}"
+            if max_seconds is not None and container.duration and container.duration / av.time_base > max_seconds:
+                raise AudioProblem("too_long", _too_long_message(container.duration / av.time_base, max_seconds))
+            resampler = av.AudioResampler(format="fltp")  # planar float, the source's rate and channels
+            chunks, rate = [], stream.codec_context.sample_rate or stream.rate
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+                    rate = out.sample_rate
+                if max_seconds is not None and rate and sum(c.shape[1] for c in chunks) > (max_seconds + 1) * rate:
+                    raise AudioProblem("too_long", _too_long_message(sum(c.shape[1] for c in chunks) / rate,
+                                                                     max_seconds))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+    except AudioProblem:
+        raise
+    except Exception as e:  # av.error.FFmpegError and what a demuxer throws on odd input
+        if sniff_format(head) is None:
+            raise _decode_problem(head, sf_error) from None
+        name = sniff_format(head)[0]
+        why = getattr(e, "strerror", None) or str(e)
+        raise AudioProblem("corrupt_audio", f"looks like {name} but FFmpeg cannot decode it ({why}); re-export the "
+                                            "file, or convert it with `ffmpeg -i in.m4a -ar 16000 -ac 1 out.wav`") from None
+    if not chunks or not rate:
+        raise AudioProblem("corrupt_audio", f"{fmt}: no audio frames could be decoded; re-export the file")
+    frames = np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False)
+    if not np.isfinite(frames).all():
+        raise AudioProblem("non_finite_samples", f"NaN or infinite samples ({fmt}); regenerate the file")
+    info = AudioInfo(int(rate), frames.shape[1], frames.shape[0], fmt.split("/")[0], fmt.split("/")[1])
     return resample(downmix(frames), info.sample_rate), info
 
 
@@ -152,7 +204,7 @@ def _decode_problem(head: bytes, err: Exception) -> AudioProblem:
     if not readable:
         return AudioProblem(
             "unsupported_format",
-            f"{name} audio cannot be decoded by libsndfile; convert it, e.g. "
+            f"{name} audio cannot be decoded by libsndfile (and PyAV/FFmpeg is not installed); convert it, e.g. "
             "`ffmpeg -i in.m4a -ar 16000 -ac 1 out.wav`, and point the row at the WAV",
         )
     return AudioProblem("corrupt_audio", f"looks like {name} but cannot be decoded ({why.strip()}); re-export the file")

@@ -50,10 +50,9 @@ from common.core.dataset import (
     check_text,
     check_text_rate,
     open_audio_dir,
-    read_csv,
-    read_input_bytes,
     utterance_id,
 )
+from common.core.manifest import read_manifest
 from common.core.settings import S3Settings
 from common.core.store import StoreError, sha256_file
 
@@ -86,29 +85,38 @@ class Scan:
     jobs: list[Job] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     rows: Counter = field(default_factory=Counter)  # data rows per split
+    formats: dict[str, str] = field(default_factory=dict)  # split → manifest format read
     inputs: dict[str, Any] = field(default_factory=dict)  # fingerprints: each CSV's bytes, the audio files found
 
 
 PROGRESS_MIN_ROWS = 2000  # a progress bar for scans of at least this many rows (200k rows take about a minute)
 
 
-def scan_csvs(sources: Iterable[tuple[str, str, str]], s3: S3Settings | None = None, *,
-              id_column: str | None = None, text_column: str | None = None) -> Scan:
-    """Read each ``(split, csv_uri, audio_dir_uri)`` in order and check every row up to finding its file; ids
-    are unique across all of them (a later row reusing an id is a ``duplicate_id``). No audio is decoded.
+def scan_csvs(sources: Iterable[tuple[str, str, str | None]], s3: S3Settings | None = None, *,
+              id_column: str | None = None, text_column: str | None = None, fmt: str = "auto",
+              encoding: str | None = None, audio_roots: tuple[str, ...] = ()) -> Scan:
+    """Read each ``(split, manifest_uri, audio_dir_uri)`` in order (any format of ``common.core.manifest``; an
+    audio folder of None means the manifest's own folder) and check every row up to finding its file; ids are
+    unique across all of them (a later row reusing an id is a ``duplicate_id``). No audio is decoded.
     DatasetError for a whole file that cannot be used."""
     scan = Scan()
     first_use: dict[str, Row] = {}  # utterance id → the row that used it first
-    for split, csv_uri, audio_uri in sources:
-        data = read_input_bytes(csv_uri, s3, what=f"{split} CSV")
-        scan.inputs[f"{split}_csv"] = {"uri": csv_uri, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        table = read_csv(data, name=Path(csv_uri).name, split=split, id_column=id_column, text_column=text_column)
-        scan.rows[split] = len(table.rows) + len(table.rejected)
-        scan.rejected += table.rejected
-        audio_dir = open_audio_dir(audio_uri, s3)
-        log.info("checking the %d rows of %s against %s", len(table.rows), csv_uri, audio_uri)
-        for row in tqdm(table.rows, desc=f"prepare: checking {split} rows", unit="row", mininterval=1.0,
-                        disable=len(table.rows) < PROGRESS_MIN_ROWS):
+    for split, uri, audio_uri in sources:
+        manifest = read_manifest(uri, split=split, s3=s3, fmt=fmt, encoding=encoding, id_column=id_column,
+                                 text_column=text_column)
+        digest = hashlib.sha256()
+        for name, data in sorted(manifest.files.items()):
+            digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        scan.inputs[f"{split}_csv"] = {"uri": uri, "format": manifest.format,
+                                       "size": sum(len(d) for d in manifest.files.values()),
+                                       "sha256": digest.hexdigest()}
+        scan.formats[split] = manifest.format
+        scan.rows[split] = len(manifest.rows) + len(manifest.rejected)
+        scan.rejected += manifest.rejected
+        audio_dir = open_audio_dir(audio_uri or manifest.audio_dir, s3, tuple(audio_roots))
+        log.info("checking the %d rows of %s against %s", len(manifest.rows), uri, audio_uri or manifest.audio_dir)
+        for row in tqdm(manifest.rows, desc=f"prepare: checking {split} rows", unit="row", mininterval=1.0,
+                        disable=len(manifest.rows) < PROGRESS_MIN_ROWS):
             checked = _check_row(row, audio_dir, first_use)
             if isinstance(checked, Job):
                 scan.jobs.append(checked)
@@ -121,17 +129,20 @@ def scan_csvs(sources: Iterable[tuple[str, str, str]], s3: S3Settings | None = N
 
 def _check_row(row: Row, audio_dir: LocalAudioDir | S3AudioDir, first_use: dict[str, Row]) -> Job | Problem:
     """The checks before decoding, in the documented order: path, duplicate id, text, file."""
-    problem = check_id_path(row.id)
+    path = row.audio_ref
+    problem = check_id_path(path, audio_dir.roots)
     if problem is not None:
         return problem
-    utt = utterance_id(row.id)
+    utt = utterance_id(row.id if row.audio and row.id else audio_dir.relative(path))
+    if not utt:
+        return Problem("malformed_row", "the id is empty; every row needs the audio file's id")
     if utt in first_use:
         return _duplicate(utt, first_use[utt])
     first_use[utt] = row  # the first row claims the id even if it is rejected later
     problem = check_text(row.text)
     if problem is not None:
         return problem
-    found = audio_dir.find(row.id)
+    found = audio_dir.find(path)
     return found if isinstance(found, Problem) else Job(row, utt, found, audio_dir)
 
 

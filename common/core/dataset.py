@@ -1,4 +1,6 @@
 """Reading a transcript CSV and checking its rows: columns, ids → audio files, and why a row is rejected.
+(The other manifest formats — JSON lines, Kaldi, audiofolder — are read in ``common.core.manifest`` into the
+same rows, checked here.)
 
 A bad row never stops a stage: each problem becomes a *rejected row* with a stable reason code (below)
 and an English message that says what was found and how to fix it. Only a problem with a whole file
@@ -8,10 +10,11 @@ Reason codes (``rejected.jsonl`` → ``reason``; stable, scripts may rely on the
 
 | reason                       | the row is rejected when                                                      |
 |------------------------------|-------------------------------------------------------------------------------|
-| `malformed_row`              | the line is not valid UTF-8, not parseable CSV (stray quote), has the wrong   |
-|                              | number of fields, an empty id, or control characters (NUL …) in a field       |
-| `path_escape`                | the id is an absolute path, a URL, contains `..`, or resolves (symlink)       |
-|                              | outside the audio folder                                                      |
+| `malformed_row`              | the line cannot be decoded, is not parseable CSV (stray quote) or JSON, has   |
+|                              | the wrong number of fields or keys, an empty id, or control characters        |
+| `kaldi_command`              | a Kaldi wav.scp entry is a command (`sox … \\|`) or an archive offset         |
+| `path_escape`                | the path is a URL, contains `..`, is absolute outside the audio folder and    |
+|                              | every --audio-root, or resolves (symlink) outside them                        |
 | `duplicate_id`               | an earlier row (of this CSV or the train CSV) has the same id — the first one |
 |                              | wins; `utt1` and `utt1.wav` are the same id                                   |
 | `empty_text`                 | the transcript is empty or only whitespace                                    |
@@ -20,8 +23,8 @@ Reason codes (``rejected.jsonl`` → ``reason``; stable, scripts may rely on the
 | `unreadable_file`            | the file exists but cannot be read (permissions, S3 error)                    |
 | `empty_file`                 | the file is 0 bytes                                                           |
 | `not_audio`                  | libsndfile does not recognise it and it does not start like audio             |
-| `unsupported_format`         | audio libsndfile cannot decode (M4A/AAC, AMR, WMA): convert it first          |
-| `corrupt_audio`              | it starts like WAV/FLAC/OGG/MP3/… but cannot be decoded                       |
+| `unsupported_format`         | audio libsndfile cannot decode while PyAV (FFmpeg) is not installed           |
+| `corrupt_audio`              | it starts like WAV/FLAC/OGG/MP3/M4A/… but cannot be decoded                   |
 | `non_finite_samples`         | a sample is NaN or ±inf                                                       |
 | `too_short`                  | shorter than `--min-seconds` (0.1 s)                                          |
 | `too_long`                   | longer than `--max-seconds` (30 s: one model window)                          |
@@ -29,26 +32,30 @@ Reason codes (``rejected.jsonl`` → ``reason``; stable, scripts may rely on the
 | `text_too_long_for_duration` | more characters than `5 + 15 × seconds` could be spoken in the clip           |
 | `duplicate_audio`            | byte-identical to the audio of an earlier kept row (train/test leakage)       |
 
-Checks run in this order and a row gets the first reason that applies: malformed_row, path_escape,
+Checks run in this order and a row gets the first reason that applies: malformed_row/kaldi_command, path_escape,
 duplicate_id, empty_text, punctuation_only_text, missing_file/path_escape (symlink), the audio checks,
 text_too_long_for_duration, duplicate_audio.
 
 CSV rules (decided here, documented for users):
 
-- UTF-8 with or without BOM. A UTF-16 file is refused as a whole (save it as "CSV UTF-8"); a line whose
-  bytes are not UTF-8 is a ``malformed_row`` (with a hint when it looks like GBK/GB18030).
+- UTF-8 with or without BOM. A file in which no line is UTF-8 is read in the encoding detected (GB18030 —
+  a superset of GBK —, Big5, else charset-normalizer's guess; a warning names it), or in ``--encoding``. A
+  UTF-16 file is refused as a whole (save it as "CSV UTF-8", or pass --encoding utf-16); in a UTF-8 file, a
+  line whose bytes are not UTF-8 is a ``malformed_row`` (with a hint when it looks like GBK/GB18030), and the
+  console says which lines.
 - One record per line: a transcript never spans lines, so a stray quote costs one row instead of
   swallowing every row after it. Quoted fields (``"你好,世界"``) work as usual within a line.
-- Delimiter: tab when the first line contains a tab, else comma. Blank lines are skipped.
+- Delimiter: tab when the first line contains a tab, else what ``csv.Sniffer`` finds among ``, ; |``, else
+  comma. Blank lines are skipped.
 - Header: the first line is the header when it names an id column and a text column (case-insensitive):
-  id ``id, audio_id, utt, utt_id, file, filename, path, wav``; text ``text, transcript, sentence,
-  label, answer`` (the first one present in that order wins), or the names given with ``--id-column`` /
+  id ``id, audio_id, utt, utt_id, file, filename, file_name, path, wav, audio_filepath``; text ``text,
+  transcript, transcription, sentence, label, answer`` (the first one present in that order wins), or the names given with ``--id-column`` /
   ``--text-column``. A file whose first line names no known column and that has exactly two columns is read
   as *headerless* ``id,text`` (a warning says so). Anything else is refused with the columns found.
 - Extra trailing empty fields (``utt1,你好,`` from spreadsheet exports) are ignored.
 
 Ids are paths relative to the audio folder (``utt1``, ``utt1.wav``, ``spk1/utt1``; ``\\`` counts as
-``/``). The file is looked up as given, then with each extension of :data:`AUDIO_EXTENSIONS` (lower and
+``/``), or absolute paths inside it or inside an ``--audio-root``. The file is looked up as given, then with each extension of :data:`AUDIO_EXTENSIONS` (lower and
 upper case). The record id is the id without a known audio extension.
 """
 
@@ -58,6 +65,7 @@ import codecs
 import csv
 import hashlib
 import logging
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -65,20 +73,21 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from common.core.settings import S3Settings
-from common.core.text import is_punctuation_only, normalize_words
+from common.core.text import is_cjk_char, is_punctuation_only, normalize_words
 
 log = logging.getLogger(__name__)
 
-ID_COLUMNS = ("id", "audio_id", "utt", "utt_id", "file", "filename", "path", "wav")
-TEXT_COLUMNS = ("text", "transcript", "sentence", "label", "answer")
+ID_COLUMNS = ("id", "audio_id", "utt", "utt_id", "file", "filename", "file_name", "path", "wav", "audio_filepath")
+TEXT_COLUMNS = ("text", "transcript", "transcription", "sentence", "label", "answer")
 # Tried in this order after the id as given; the last ones are audio libsndfile cannot decode, looked up
 # anyway so that the row says "unsupported_format: convert it" instead of a misleading "missing_file".
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aiff", ".aif", ".au", ".caf",
-                    ".w64", ".rf64", ".m4a", ".mp4", ".aac", ".amr", ".wma")
+                    ".w64", ".rf64", ".m4a", ".mp4", ".aac", ".webm", ".mka", ".3gp", ".amr", ".wma")
 
 REASONS: dict[str, str] = {  # code → short meaning, in check order (stats.json lists them in this order)
-    "malformed_row": "line is not valid UTF-8/CSV, wrong field count, empty id or control characters",
-    "path_escape": "id points outside the audio folder",
+    "malformed_row": "line is not valid UTF-8/CSV/JSON, wrong field count, empty id or control characters",
+    "kaldi_command": "wav.scp entry is a command or an archive offset, not a file",
+    "path_escape": "audio path points outside the audio folder and the allowed roots",
     "duplicate_id": "id already used by an earlier row",
     "empty_text": "transcript empty or blank",
     "punctuation_only_text": "transcript has only punctuation",
@@ -86,7 +95,7 @@ REASONS: dict[str, str] = {  # code → short meaning, in check order (stats.jso
     "unreadable_file": "audio file cannot be read",
     "empty_file": "audio file is 0 bytes",
     "not_audio": "file is not audio",
-    "unsupported_format": "audio format libsndfile cannot decode",
+    "unsupported_format": "audio format neither libsndfile nor FFmpeg (PyAV) can decode",
     "corrupt_audio": "audio file is damaged",
     "non_finite_samples": "NaN or infinite samples",
     "too_short": "shorter than --min-seconds",
@@ -105,6 +114,7 @@ TEXT_ALLOWANCE = 5  # tokens
 MAX_NAME_CHARS = 100  # output file names stay far below the 255-byte limit of common file systems
 
 _LINE_BREAK = re.compile(rb"\r\n|\n|\r")
+_TEXT_LINE_BREAK = re.compile(r"\r\n|\n|\r")  # not str.splitlines: U+2028, \x1c … stay inside a line
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 _UNSAFE_NAME_CHARS = re.compile(r"[^\w.\-]")  # \w is Unicode: Chinese ids stay readable
@@ -129,6 +139,11 @@ class Row:
     fields: dict[str, str]  # the raw row, column name → value, for rejected.jsonl
     id: str = ""
     text: str = ""
+    audio: str = ""  # the audio file's path when the format names it apart from the id (else the id is the path)
+
+    @property
+    def audio_ref(self) -> str:
+        return self.audio or self.id
 
 
 @dataclass
@@ -162,24 +177,17 @@ class CsvTable:
 
 
 def read_csv(
-    data: bytes, *, name: str, split: str, id_column: str | None = None, text_column: str | None = None
+    data: bytes, *, name: str, split: str, id_column: str | None = None, text_column: str | None = None,
+    encoding: str | None = None, delimiter: str | None = None,
 ) -> CsvTable:
     """Parse a transcript CSV's bytes into rows; bad lines become ``rejected`` entries, never exceptions."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise DatasetError(
-            f"{name} is UTF-16 encoded; expected UTF-8. Save it as 'CSV UTF-8' (Excel) or convert it with "
-            f"`iconv -f UTF-16 -t UTF-8 {name} > fixed.csv`."
-        )
-    lines = _LINE_BREAK.split(data.removeprefix(codecs.BOM_UTF8))
-    numbered = [(n, raw) for n, raw in enumerate(lines, 1) if raw.strip()]
+    numbered = decode_lines(data, name, encoding)
     if not numbered:
         raise DatasetError(f"{name} is empty; expected a header such as `audio_id,text` and one row per clip.")
-    first_no, first_raw = numbered[0]
-    try:
-        first = first_raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DatasetError(f"{name}: line {first_no} is not UTF-8{_gbk_hint(first_raw)}.") from None
-    delimiter = "\t" if "\t" in first else ","
+    first_no, first = numbered[0]
+    if isinstance(first, bytes):
+        raise DatasetError(f"{name}: line {first_no} is not UTF-8{_gbk_hint(first)}.")
+    delimiter = delimiter or sniff_delimiter([t for _, t in numbered[:20] if isinstance(t, str)])
     try:
         head = [h.strip().strip("\ufeff") for h in _parse_line(first, delimiter)]
     except csv.Error as e:
@@ -189,14 +197,11 @@ def read_csv(
     columns = head if table.header else ["id", "text"]
     id_idx = _index_of(columns, table.id_column)
     text_idx = _index_of(columns, table.text_column)
-    for lineno, raw in numbered[1:] if table.header else numbered:
+    for lineno, text in numbered[1:] if table.header else numbered:
         row = Row(split, name, lineno, {})
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            row.fields = {"raw": raw.decode("utf-8", "backslashreplace")}
-            table.rejected.append(Rejected.of(row, Problem(
-                "malformed_row", f"byte {e.start} of the line is not UTF-8{_gbk_hint(raw)}")))
+        if isinstance(text, bytes):
+            row.fields = {"raw": text.decode("utf-8", "backslashreplace")}
+            table.rejected.append(Rejected.of(row, undecodable_line(text)))
             continue
         try:
             values = _parse_line(text, delimiter)
@@ -222,10 +227,134 @@ def read_csv(
             table.rejected.append(Rejected.of(row, problem))
             continue
         table.rows.append(row)
-    log.info("%s: %d data rows (%s id column %r, text column %r); %d malformed", name,
+    log.info("%s: %d data rows (%s id column %r, text column %r, delimiter %r); %d malformed", name,
              len(table.rows) + len(table.rejected), "header," if table.header else "headerless,",
-             table.id_column, table.text_column, len(table.rejected))
+             table.id_column, table.text_column, delimiter, len(table.rejected))
     return table
+
+
+DELIMITERS = ",\t;|"
+
+
+def sniff_delimiter(lines: list[str]) -> str:
+    """The CSV delimiter: tab when the first line has one, else the one of ``, ; |`` that splits the header into
+    known column names, else what ``csv.Sniffer`` finds among them in the first lines, else comma."""
+    if not lines:
+        return ","
+    if "\t" in lines[0]:
+        return "\t"
+    known = {*ID_COLUMNS, *TEXT_COLUMNS}
+    for delimiter in ",;|":  # a header naming known columns decides, whatever the transcripts contain
+        names = [_column_key(n) for n in lines[0].split(delimiter)]
+        if len(names) >= 2 and known & set(names):
+            return delimiter
+    try:
+        return csv.Sniffer().sniff("\n".join(lines), delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        counts = {d: lines[0].count(d) for d in ",;|"}
+        best = max(counts, key=lambda d: counts[d])
+        return best if counts[best] else ","
+
+
+# Encodings tried, in order, for a file that is not UTF-8: GB18030 (a superset of GBK/GB2312, what Excel and
+# WPS save on a Chinese Windows) and Big5 first, then charset-normalizer's guess. A candidate is taken only when
+# it decodes the whole file and most of its non-ASCII characters are CJK.
+_CJK_ENCODINGS = ("gb18030", "big5")
+
+
+def decode_lines(data: bytes, name: str, encoding: str | None = None) -> list[tuple[int, str | bytes]]:
+    """Non-blank lines of a text file as ``(line number, text)``; a line that cannot be decoded is kept as its
+    raw ``bytes`` (the caller rejects it). ``encoding`` forces one; else UTF-8 (BOM ok), and a file that is not
+    UTF-8 at all is decoded in the encoding detected (a warning says which). DatasetError for UTF-16 or a forced
+    encoding that does not fit."""
+    if encoding:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise DatasetError(f"--encoding {encoding!r} is not an encoding Python knows; use e.g. utf-8, gb18030, "
+                               "big5") from None
+        try:
+            text = data.decode(encoding).removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise DatasetError(f"{name}: line {line} is not {encoding} (byte {e.start}); check --encoding, or drop "
+                               "it to detect the encoding") from None
+        return _numbered(text)
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DatasetError(
+            f"{name} is UTF-16 encoded; expected UTF-8. Save it as 'CSV UTF-8' (Excel) or convert it with "
+            f"`iconv -f UTF-16 -t UTF-8 {name} > fixed.csv` (or pass --encoding utf-16)."
+        )
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return _numbered(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        pass
+    raw_lines = _LINE_BREAK.split(data)
+    if not any(_is_utf8(raw) for raw in raw_lines if not raw.isascii()):  # no line is UTF-8: another encoding
+        detected = detect_encoding(data)
+        if detected is not None:
+            log.warning("%s is not UTF-8; reading it as %s (detected). If the text looks wrong, pass --encoding "
+                        "(e.g. --encoding big5) or save the file as UTF-8.", name, detected)
+            return _numbered(data.decode(detected))
+    out: list[tuple[int, str | bytes]] = []
+    bad: list[int] = []
+    for n, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            out.append((n, raw.decode("utf-8")))
+        except UnicodeDecodeError:
+            out.append((n, raw))
+            bad.append(n)
+    log.error("%s: %d line(s) are not UTF-8 (line%s %s) and are rejected as malformed_row%s", name, len(bad),
+              "s" if len(bad) > 1 else "", ", ".join(map(str, bad[:10])) + (", …" if len(bad) > 10 else ""),
+              _gbk_hint(raw_lines[bad[0] - 1]) if bad else "")
+    return out
+
+
+def detect_encoding(data: bytes) -> str | None:
+    """The encoding of text that is not UTF-8 (see _CJK_ENCODINGS), or None when nothing fits."""
+    import charset_normalizer
+
+    guesses = [m.encoding for m in charset_normalizer.from_bytes(data)]
+    # Big5 bytes also decode as GB18030 (into other characters): Big5 wins when charset-normalizer rules
+    # GB18030 out; GB18030 otherwise (GBK text is often guessed as Big5 or CP949 among other candidates).
+    first = ("big5", "gb18030") if "big5" in guesses and "gb18030" not in guesses else _CJK_ENCODINGS
+    for enc in dict.fromkeys([*first, *guesses]):
+        try:
+            text = data.decode(enc)
+        except (UnicodeDecodeError, LookupError):
+            continue
+        wide = [ch for ch in text if not ch.isascii()]
+        if enc in _CJK_ENCODINGS and wide and sum(map(_is_cjk_or_punct, wide)) < 0.9 * len(wide):
+            continue
+        return enc
+    return None
+
+
+def _is_cjk_or_punct(ch: str) -> bool:
+    return is_cjk_char(ch) or unicodedata.category(ch)[0] in "PSZ"
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _numbered(text: str) -> list[tuple[int, str | bytes]]:
+    return [(n, line) for n, line in enumerate(_TEXT_LINE_BREAK.split(text), 1) if line.strip()]
+
+
+def undecodable_line(raw: bytes) -> Problem:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Problem("malformed_row", f"byte {e.start} of the line is not UTF-8{_gbk_hint(raw)}")
+    return Problem("malformed_row", "the line cannot be decoded")
 
 
 def _parse_line(line: str, delimiter: str) -> list[str]:
@@ -285,7 +414,7 @@ def _field_problem(row: Row) -> Problem | None:
         if bad is not None:
             return Problem("malformed_row", f"the {what} contains the control character U+{ord(bad):04X}; "
                                             "the file is probably damaged or binary — fix or remove the line")
-    if not row.id:
+    if not row.audio_ref:
         return Problem("malformed_row", "the id is empty; every row needs the audio file's id")
     return None
 
@@ -295,7 +424,8 @@ def _gbk_hint(raw: bytes) -> str:
         raw.decode("gb18030")
     except UnicodeDecodeError:
         return "; save the file as UTF-8"
-    return ("; it looks GBK/GB18030-encoded — convert the file with `iconv -f GB18030 -t UTF-8 in.csv > out.csv`")
+    return ("; it looks GBK/GB18030-encoded — convert the file with `iconv -f GB18030 -t UTF-8 in.csv > out.csv`, "
+            "or pass --encoding gb18030 when the whole file is GB18030")
 
 
 # ------------------------------------------------------------------------------------------------ ids
@@ -316,11 +446,19 @@ def utterance_id(raw_id: str) -> str:
     return rel
 
 
-def check_id_path(raw_id: str) -> Problem | None:
-    """path_escape for ids that are absolute, URLs, or climb out with ``..`` (checked before any file access)."""
+def check_id_path(raw_id: str, roots: tuple[Path, ...] = ()) -> Problem | None:
+    """path_escape for audio paths that are URLs, climb out with ``..``, or are absolute outside every allowed
+    root (``roots``: the audio folder and each --audio-root); checked before any file access."""
     if _URI_SCHEME.match(raw_id):
         why = "is a URL"
     elif raw_id.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(raw_id):
+        if raw_id.startswith("/") and root_of(raw_id, roots) is not None:
+            return None
+        if roots and raw_id.startswith("/"):
+            shown = ", ".join(str(r) for r in roots)
+            return Problem("path_escape", f"the audio path {raw_id!r} is outside the audio folder and the allowed "
+                                          f"roots ({shown}); pass --audio-root with the folder that holds it, "
+                                          "or give paths relative to --audio-dir")
         why = "is an absolute path"
     elif ".." in raw_id.replace("\\", "/").split("/"):
         why = "contains '..'"
@@ -328,6 +466,18 @@ def check_id_path(raw_id: str) -> Problem | None:
         return None
     return Problem("path_escape", f"the id {raw_id!r} {why}; ids must be file names (or relative paths) inside "
                                   "the audio folder — give --audio-dir the folder and the id relative to it")
+
+
+def root_of(path: str, roots: tuple[Path, ...]) -> tuple[Path, str] | None:
+    """(root, path relative to it) for an absolute path lexically inside one of ``roots`` (no ``..``), else None."""
+    if ".." in path.split("/"):
+        return None
+    p = Path(os.path.normpath(path))
+    for root in roots:
+        for base in dict.fromkeys((root, root.resolve())):
+            if p.is_relative_to(base) and p != base:
+                return root, p.relative_to(base).as_posix()
+    return None
 
 
 def candidate_paths(raw_id: str) -> list[str]:
@@ -391,20 +541,42 @@ class AudioFile:
 
 
 class LocalAudioDir:
-    """An audio folder on the local file system (or a PVC mount)."""
+    """An audio folder on the local file system (or a PVC mount). Absolute audio paths are allowed inside the
+    folder and inside each of ``extra_roots`` (--audio-root)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, extra_roots: tuple[str | Path, ...] = ()):
         self.path = Path(path).expanduser()
         if not self.path.is_dir():
             raise DatasetError(f"audio folder {self.path} does not exist or is not a folder; "
                                "pass the folder holding the CSV's audio files")
         self.root = self.path.resolve()
         self.uri = str(self.path)
+        roots = [self.path.absolute()]
+        for extra in extra_roots:
+            r = Path(extra).expanduser()
+            if not r.is_dir():
+                raise DatasetError(f"--audio-root {r} does not exist or is not a folder; pass a folder that "
+                                   "holds audio files named by absolute paths")
+            roots.append(r.absolute())
+        self.roots = tuple(roots)
+
+    def relative(self, raw_id: str) -> str:
+        """The path an id names, relative to the root holding it (for record ids): ``utt1.wav`` stays,
+        ``/data/a/utt1.wav`` with root ``/data`` → ``a/utt1.wav``."""
+        found = root_of(raw_id, self.roots) if raw_id.startswith("/") else None
+        return found[1] if found else relative_id(raw_id)
 
     def find(self, raw_id: str) -> AudioFile | Problem:
-        tried = candidate_paths(raw_id)
+        if raw_id.startswith("/"):
+            found = root_of(raw_id, self.roots)
+            if found is None:
+                return check_id_path(raw_id, self.roots) or _missing(raw_id, self.uri, [raw_id])
+            base, rel = found
+        else:
+            base, rel = self.path, raw_id
+        tried = candidate_paths(rel)
         for rel in tried:
-            p = self.path / rel
+            p = base / rel
             try:
                 if not p.is_file():
                     continue
@@ -412,10 +584,11 @@ class LocalAudioDir:
                 st = p.stat()
             except OSError as e:  # a name too long for the file system, a link loop, ...
                 return Problem("missing_file", f"cannot look up {p}: {e.strerror}; check the id")
-            if not real.is_relative_to(self.root):
+            if not any(real.is_relative_to(r.resolve()) for r in self.roots):
                 return Problem("path_escape", f"{p} is a link to {real}, outside the audio folder "
                                               f"{self.root}; copy the file into the folder")
-            return AudioFile(rel, str(p), st.st_size, str(st.st_mtime_ns))
+            return AudioFile(str(p.relative_to(self.path)) if base == self.path else str(p), str(p), st.st_size,
+                             str(st.st_mtime_ns))
         return _missing(raw_id, self.uri, tried)
 
     def fetch(self, f: AudioFile) -> Path:
@@ -451,6 +624,11 @@ class S3AudioDir:
             self._objects = objects
         return self._objects
 
+    roots: tuple[Path, ...] = ()  # absolute paths are never inside an S3 folder
+
+    def relative(self, raw_id: str) -> str:
+        return relative_id(raw_id)
+
     def find(self, raw_id: str) -> AudioFile | Problem:
         listing = self._listing()
         tried = candidate_paths(raw_id)
@@ -470,10 +648,11 @@ def _missing(raw_id: str, where: str, tried: list[str]) -> Problem:
                                    "check the id and the audio folder (--audio-dir / --test-audio-dir)")
 
 
-def open_audio_dir(uri: str, s3: S3Settings | None = None) -> LocalAudioDir | S3AudioDir:
+def open_audio_dir(uri: str, s3: S3Settings | None = None,
+                   extra_roots: tuple[str, ...] = ()) -> LocalAudioDir | S3AudioDir:
     if uri.startswith("s3://"):
         return S3AudioDir(uri, s3)
-    return LocalAudioDir(uri.removeprefix("file://"))
+    return LocalAudioDir(uri.removeprefix("file://"), extra_roots)
 
 
 def read_input_bytes(uri: str, s3: S3Settings | None = None, what: str = "file") -> bytes:

@@ -1,6 +1,8 @@
 """Scoring of ASR predictions: CER, WER, exact match, similarity, real-time factor.
 
-Every comparison runs on normalized text (:mod:`common.core.text`); the edit counts come from jiwer.
+Every comparison runs on normalized text (:mod:`common.core.text`, a :class:`~common.core.text.TextPolicy`:
+by default NFKC, traditional → simplified, lower case, no punctuation, and Chinese numerals read as digits on
+both sides, so 「3个」 and 「三个」 match); the edit counts come from jiwer.
 
 Definitions (per utterance, then per group of utterances):
 
@@ -36,7 +38,7 @@ from typing import Any
 
 import jiwer
 
-from common.core.text import is_cjk_char, normalize, normalize_words
+from common.core.text import DEFAULT_POLICY, TextPolicy, is_cjk_char, normalize, normalize_words
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,8 @@ def _word_counts(ref_words: list[str], hyp_words: list[str]) -> dict[str, int]:
     }
 
 
-def utterance_errors(reference: str, hypothesis: str) -> dict[str, Any]:
-    """Errors of one hypothesis against its reference, on normalized text.
+def utterance_errors(reference: str, hypothesis: str, policy: TextPolicy = DEFAULT_POLICY) -> dict[str, Any]:
+    """Errors of one hypothesis against its reference, on text normalized by ``policy``.
 
     Returns ``ref_norm``, ``hyp_norm``; character counts ``ref_chars``, ``char_hits``,
     ``char_substitutions``, ``char_deletions``, ``char_insertions``, ``char_errors`` (S+D+I)
@@ -105,8 +107,8 @@ def utterance_errors(reference: str, hypothesis: str) -> dict[str, Any]:
     >>> round(e["cer"], 4), e["char_deletions"], round(e["wer"], 4), e["exact"]  # 1/11 chars, 1/6 words
     (0.0909, 1, 0.1667, False)
     """
-    ref_norm, hyp_norm = normalize(reference), normalize(hypothesis)
-    ref_words, hyp_words = normalize_words(reference), normalize_words(hypothesis)
+    ref_norm, hyp_norm = normalize(reference, policy), normalize(hypothesis, policy)
+    ref_words, hyp_words = normalize_words(reference, policy), normalize_words(hypothesis, policy)
     chars = _char_counts(ref_norm, hyp_norm)
     words = _word_counts(ref_words, hyp_words)
     char_errors = chars["char_substitutions"] + chars["char_deletions"] + chars["char_insertions"]
@@ -121,7 +123,7 @@ def utterance_errors(reference: str, hypothesis: str) -> dict[str, Any]:
         **words,
         "word_errors": word_errors,
         "wer": _error_rate(word_errors, words["ref_words"]),
-        "has_words": any(not is_cjk_char(w) for w in ref_words),
+        "has_words": any(not is_cjk_char(w) and any(ch.isalnum() for ch in w) for w in ref_words),
         "exact": ref_norm == hyp_norm,
     }
 
@@ -131,11 +133,12 @@ def utterance_errors(reference: str, hypothesis: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def with_errors(row: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The row with its utterance_errors fields (computed when the row does not carry them)."""
-    if "char_errors" in row and "word_errors" in row:
+def with_errors(row: Mapping[str, Any], policy: TextPolicy | None = None) -> Mapping[str, Any]:
+    """The row with its utterance_errors fields (computed when the row does not carry them, or always when a
+    ``policy`` is given)."""
+    if policy is None and "char_errors" in row and "word_errors" in row:
         return row
-    return {**row, **utterance_errors(row["reference"], row["hypothesis"])}
+    return {**row, **utterance_errors(row["reference"], row["hypothesis"], policy or DEFAULT_POLICY)}
 
 
 def _sum_optional(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
@@ -289,10 +292,11 @@ def load_predictions(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     return [dict(row) for _, row in numbered]
 
 
-def score_rows(rows: Sequence[Mapping[str, Any]], source: str = "predictions") -> list[dict[str, Any]]:
+def score_rows(rows: Sequence[Mapping[str, Any]], source: str = "predictions",
+               policy: TextPolicy = DEFAULT_POLICY) -> list[dict[str, Any]]:
     """Validate prediction rows and return each one extended with its :func:`utterance_errors`."""
     validate_rows(rows, source)
-    return [{**row, **utterance_errors(row["reference"], row["hypothesis"])} for row in rows]
+    return [{**row, **utterance_errors(row["reference"], row["hypothesis"], policy)} for row in rows]
 
 
 def metrics_by_model_set(scored_rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -303,7 +307,8 @@ def metrics_by_model_set(scored_rows: Sequence[Mapping[str, Any]]) -> dict[str, 
     return {model: {name: aggregate(rows) for name, rows in sets.items()} for model, sets in groups.items()}
 
 
-def score_predictions(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+def score_predictions(rows: Sequence[Mapping[str, Any]],
+                      policy: TextPolicy = DEFAULT_POLICY) -> dict[str, dict[str, dict[str, Any]]]:
     """Metrics per model and set for rows ``{"id","reference","hypothesis","model","set"}``
     (optional ``"duration"``, ``"decode_seconds"`` in seconds).
 
@@ -311,4 +316,4 @@ def score_predictions(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
     Raises :class:`PredictionsError` naming the line and key of every malformed row.
     Use :func:`score_rows` + :func:`metrics_by_model_set` to keep the per-utterance rows too.
     """
-    return metrics_by_model_set(score_rows(rows))
+    return metrics_by_model_set(score_rows(rows, policy=policy))

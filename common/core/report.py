@@ -1,14 +1,10 @@
 """Scoring reports: ``metrics.json``, ``report.md`` (terminal-readable) and a self-contained ``report.html``.
 
-The HTML has no external assets: CSS is inline and plots are PNGs (matplotlib, Agg canvas)
-embedded as ``data:image/png;base64``. Every text that comes from data (ids, model names,
-transcripts) is HTML-escaped.
-
-Plots never show tofu boxes: a label is drawn as is only when the fonts matplotlib uses can
-draw every character of it. DejaVu Sans (matplotlib's default) has no CJK glyphs, so a CJK
-font is looked for among the installed ones (:func:`cjk_font`); without one, a model or set
-name that cannot be drawn gets a short ASCII alias (``M1``, ``S2``) and the report lists the
-aliases under the plot. Plots never draw transcripts.
+The HTML has no external assets: CSS is inline and plots are inline SVG (matplotlib) whose labels
+are SVG text, drawn by the browser with the page's fonts: Chinese model and set names show as
+they are without any font on the machine that made the report (matplotlib lays them out with
+DejaVu Sans, or an installed CJK font when there is one, :func:`cjk_font`). Every text that comes
+from data (ids, model names, transcripts) is escaped. Plots never draw transcripts.
 
 The first model in ``metrics`` is the baseline that the others are compared with (evaluate
 puts the pretrained model first).
@@ -16,16 +12,17 @@ puts the pretrained model first).
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import functools
 import html
 import io
 import json
 import logging
+import re
 import shutil
 import subprocess
 import unicodedata
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -313,11 +310,28 @@ def _aliases(names: Sequence[str], prefix: str) -> dict[str, str]:
     return labels
 
 
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)  # attach the Agg canvas: no pyplot, no global backend state
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=PLOT_DPI, bbox_inches="tight", metadata={"Software": None})
-    return buf.getvalue()
+# Fonts the browser draws plot labels with (the page's own stack: CJK fonts of every common system).
+SVG_FONTS = ("'DejaVu Sans', system-ui, -apple-system, 'Segoe UI', 'PingFang SC', 'Hiragino Sans GB', "
+             "'Microsoft YaHei', 'Noto Sans CJK SC', 'Source Han Sans SC', 'WenQuanYi Micro Hei', sans-serif")
+_SVG_FONT_FAMILY = re.compile(r"font-family: [^;\"]*")
+_SVG_NAMESPACES = re.compile(r' xmlns(?::xlink)?="[^"]*"')
+_SVG_IDS = re.compile(r'( id="| href="#|url\(#)')  # ids and the references to them
+
+
+def _svg(fig: Figure, key: str) -> str:
+    """The figure as an inline ``<svg>`` element: labels are text (svg.fonttype none), ids unique per figure."""
+    FigureCanvasAgg(fig)  # attach a canvas: no pyplot, no global backend state
+    buf = io.StringIO()
+    with warnings.catch_warnings(), matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": key}):
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # the browser draws them
+        fig.savefig(buf, format="svg", dpi=PLOT_DPI, bbox_inches="tight",
+                    metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]  # no XML declaration or DOCTYPE inside HTML
+    text = _SVG_NAMESPACES.sub("", text, count=2)  # inline SVG in HTML needs no namespace declarations
+    text = _SVG_FONT_FAMILY.sub(f"font-family: {SVG_FONTS}", text)
+    text = _SVG_IDS.sub(lambda m: f'{m.group(1)}{key}-', text)  # ids unique within the page
+    return text.replace("<svg ", f'<svg role="img" aria-label="{key}" class="plot" ', 1)
 
 
 def _model_colors(models: Sequence[str]) -> dict[str, Any]:
@@ -485,10 +499,8 @@ def render_figures(
     if not metrics or not rows:
         return []
     models, sets = _models(metrics), _sets(metrics)
-    mlabel, slabel = _aliases(models, "M"), _aliases(sets, "S")
-    aliases = [
-        (label, name) for mapping in (mlabel, slabel) for name, label in mapping.items() if label != name
-    ]
+    mlabel, slabel = {m: m for m in models}, {s: s for s in sets}  # SVG text: the browser draws any name
+    aliases: list[tuple[str, str]] = []
     font_family = _plot_fonts()
     out = []
     with matplotlib.rc_context(
@@ -522,7 +534,7 @@ def render_figures(
             )
         for key, heading, fig, caption in specs:
             out.append(
-                {"key": key, "heading": heading, "caption": caption, "png": _png(fig), "aliases": aliases}
+                {"key": key, "heading": heading, "caption": caption, "svg": _svg(fig, key), "aliases": aliases}
             )
     return out
 
@@ -557,6 +569,18 @@ def _md_table(header: Sequence[str], body: Sequence[Sequence[str]], right: Seque
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
+def _shown(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[bool]:
+    """Per entry of COLUMNS whether the metrics table shows it: WER only where some set has words."""
+    has_words = any(m.get("wer") is not None for sets in metrics.values() for m in sets.values())
+    return [key != "wer" or has_words for key, _, _ in COLUMNS]
+
+
+def _pick(items: Sequence[Any], metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[Any]:
+    """``items`` laid out like the metrics table (model, set, COLUMNS…, S/D/I) minus the hidden columns."""
+    keep = [True, True, *_shown(metrics), True]
+    return [x for x, k in zip(items, keep, strict=True) if k]
+
+
 def _metrics_rows(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[list[str]]:
     out = []
     for model, sets in metrics.items():
@@ -566,8 +590,30 @@ def _metrics_rows(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> lis
                 if "char_substitutions" in m
                 else "—"
             )
-            out.append([model, name, *(_fmt(m.get(k), kind) for k, _, kind in COLUMNS), sdi])
+            out.append(_pick([model, name, *(_fmt(m.get(k), kind) for k, _, kind in COLUMNS), sdi], metrics))
     return out
+
+
+SMALL_SET = 100  # utterances: below this a set's CER moves by whole points with a handful of utterances
+
+
+def _small_sets(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[tuple[str, int]]:
+    """(set, utterances) of the sets scored on fewer than SMALL_SET utterances (the largest count per set)."""
+    sizes: dict[str, int] = {}
+    for sets in metrics.values():
+        for name, m in sets.items():
+            sizes[name] = max(sizes.get(name, 0), int(m.get("n") or 0))
+    return [(name, n) for name, n in sizes.items() if n < SMALL_SET]
+
+
+def _small_sample_warning(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    small = _small_sets(metrics)
+    if not small:
+        return ""
+    listed = ", ".join(f"{name} ({n} utterance{'s' if n != 1 else ''})" for name, n in small)
+    return (f"Small test set · 测试集过小: {listed}. With fewer than {SMALL_SET} utterances one utterance moves "
+            "the CER by a point or more, so small differences between models are not evidence; score on a larger "
+            f"set before deciding. 少于 {SMALL_SET} 句时, 模型之间的小差异不能说明问题。")
 
 
 # Short headings for report.md, so that the table fits a terminal.
@@ -654,8 +700,10 @@ def _table_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _markdown(title, generated, metrics, rows, extra, worst_n) -> str:
-    right = (False, False, *([True] * len(COLUMNS)), True)
+    right = _pick((False, False, *([True] * len(COLUMNS)), True), metrics)
     parts = [f"# {title}", "", f"Generated {generated}. Plots are in report.html.", ""]
+    if _small_sample_warning(metrics):
+        parts += [f"> **Warning:** {_small_sample_warning(metrics)}", ""]
     comparisons = _comparisons(metrics, rows)
     if comparisons:
         parts += [
@@ -670,7 +718,7 @@ def _markdown(title, generated, metrics, rows, extra, worst_n) -> str:
             "Change in percentage points (pp); negative is better. Better/same/worse count utterances.",
             "",
         ]
-    parts += ["## Metrics · 指标", "", _md_table(METRICS_HEADER_MD, _metrics_rows(metrics), right), ""]
+    parts += ["## Metrics · 指标", "", _md_table(_pick(METRICS_HEADER_MD, metrics), _metrics_rows(metrics), right), ""]
     for model in _models(metrics):
         worst = _worst(rows, model, worst_n)
         parts += [f"## Worst utterances · 错误最多的语句: {model}", ""]
@@ -691,12 +739,14 @@ def _markdown(title, generated, metrics, rows, extra, worst_n) -> str:
 
 
 DEFINITIONS_MD = (
-    "- Texts are normalized before scoring: NFKC (full-width → half-width), traditional → simplified "
-    "(OpenCC t2s), punctuation and whitespace removed, Latin lower-cased.",
+    "- Texts are normalized before scoring as the Text normalization section says (by default: NFKC "
+    "(full-width → half-width), traditional → simplified (OpenCC t2s), punctuation and whitespace removed, "
+    "Latin lower-cased, Chinese numerals read as digits on both sides, so 「三个」 = 「3个」).",
     "- CER = (substitutions + deletions + insertions) / reference characters, summed over the set "
     "(corpus level, not the mean of per-utterance CERs); it can exceed 100% with many insertions.",
     "- WER counts each CJK character and each Latin/digit word as one token (mixed error rate); it is "
-    "shown only for sets whose references contain Latin/digit words, otherwise it would repeat the CER.",
+    "shown only for sets whose references contain Latin/digit words, otherwise it would repeat the CER (the "
+    "column is left out when no set has any).",
     "- Exact = share of utterances whose normalized texts are identical. Similarity = max(0, 1 − CER).",
     "- RTF = decoding seconds / audio seconds (below 1 is faster than real time).",
 )
@@ -712,18 +762,22 @@ body{font-family:system-ui,-apple-system,"Segoe UI","PingFang SC","Hiragino Sans
 main{max-width:1100px;margin:0 auto;padding:24px 32px 48px;background:#fff;min-height:100vh}
 h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.2em;margin:32px 0 10px;border-bottom:1px solid #e3e6ea;padding-bottom:4px}
 .meta{color:#6b7380;font-size:.9em}
-table{border-collapse:collapse;font-size:.9em;margin:6px 0 4px;width:auto}
+main{box-sizing:border-box}
+.tw{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;font-size:.9em;margin:6px 0 4px;width:auto;max-width:100%}
 th,td{border:1px solid #e3e6ea;padding:5px 9px;vertical-align:top;text-align:left}
-th{background:#f1f3f6;font-weight:600}td{white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f1f3f6;font-weight:600}th,td{overflow-wrap:anywhere}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr:nth-child(even) td{background:#fafbfc}
 .good{color:#1a7f37;font-weight:600}.bad{color:#c62828;font-weight:600}
-figure{margin:8px 0 20px}figure img{max-width:100%;height:auto;border:1px solid #eef0f3}
+figure{margin:8px 0 20px}figure svg,figure img{max-width:100%;height:auto;border:1px solid #eef0f3}
+.warning{background:#fff4e5;border-left:4px solid #f0a020;padding:8px 12px}
 figcaption,.note{color:#5d6570;font-size:.85em;margin-top:4px}
 td.text{white-space:normal;min-width:220px;max-width:420px;word-break:break-all}
 .raw{color:#8a919b;font-size:.85em;margin-top:3px}
 .sub{background:#fff1c2}.del{background:#ffd6d6;text-decoration:line-through}.ins{background:#d4f5dd}
 code{background:#f1f3f6;padding:0 3px;border-radius:3px}
-pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:.85em}
+pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:.85em;white-space:pre-wrap;overflow-wrap:anywhere}
 """
 
 
@@ -745,7 +799,7 @@ def _html_table(
             for c, kind in zip(row, kinds, strict=True)
         )
         lines.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+    return f'<div class="tw"><table><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table></div>'
 
 
 def _aligned_html(ref_norm: str, hyp_norm: str) -> tuple[str, str]:
@@ -816,17 +870,17 @@ def _extra_html(value: Any) -> str:
         )
     if _is_table(value):
         keys = _table_keys(value)
-        return _html_table(keys, [[_plain(r.get(k)) for k in keys] for r in value], ["text"] * len(keys))
+        # plain cells (wrapping anywhere), not "text": its minimum width times many columns overflows the page
+        return _html_table(keys, [[_plain(r.get(k)) for k in keys] for r in value], [""] * len(keys))
     return f"<pre>{_e(json.dumps(value, ensure_ascii=False, indent=2, default=str))}</pre>"
 
 
 def _figure_html(fig: Mapping[str, Any]) -> str:
-    data = base64.b64encode(fig["png"]).decode("ascii")
     note = ""
     if fig["aliases"]:
         note = " Plot labels: " + "; ".join(f"{_e(a)} = {_e(n)}" for a, n in fig["aliases"]) + "."
     return (
-        f'<h2>{_e(fig["heading"])}</h2><figure><img alt="{_e(fig["key"])}" src="data:image/png;base64,{data}">'
+        f'<h2>{_e(fig["heading"])}</h2><figure id="plot-{_e(fig["key"])}">{fig["svg"]}'
         f"<figcaption>{_e(fig['caption'])}{note}</figcaption></figure>"
     )
 
@@ -840,6 +894,8 @@ def _delta_cell(c: Mapping[str, Any]) -> str:
 
 def _html(title, generated, metrics, rows, extra, figures, worst_n) -> str:
     body = [f"<h1>{_e(title)}</h1>", f'<p class="meta">Generated {_e(generated)}</p>']
+    if _small_sample_warning(metrics):
+        body.append(f'<p class="warning" id="small-sample">{_e(_small_sample_warning(metrics))}</p>')
     comparisons = _comparisons(metrics, rows)
     if comparisons:
         cells = _comparison_rows(comparisons)
@@ -854,7 +910,8 @@ def _html(title, generated, metrics, rows, extra, figures, worst_n) -> str:
         ]
     body += [
         "<h2>Metrics · 指标</h2>",
-        _html_table(METRICS_HEADER, _metrics_rows(metrics), ("", "", *(["num"] * len(COLUMNS)), "num")),
+        _html_table(_pick(METRICS_HEADER, metrics), _metrics_rows(metrics),
+                    _pick(("", "", *(["num"] * len(COLUMNS)), "num"), metrics)),
     ]
     body += [_figure_html(f) for f in figures]
     for model in _models(metrics):

@@ -237,8 +237,9 @@ def build_parser(cls: type[StageSettings], *, prog: str, description: str, epilo
     ``--s3-endpoint-url``). Flags default to "not given" so lower layers show through."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS,
+        argument_default=argparse.SUPPRESS, allow_abbrev=False,  # `--epoch 3` is an error, not --epochs
     )
+    aliases: dict[str, tuple[str, ...]] = getattr(cls, "cli_aliases", {})
     parser.add_argument("--config", type=Path, help="YAML settings file (flat, or a pipeline file with stage sections)")
     groups = {"stage": parser.add_argument_group(f"{stage_name(cls)} settings"),
               "common": parser.add_argument_group("common settings (every stage)")}
@@ -263,7 +264,7 @@ def build_parser(cls: type[StageSettings], *, prog: str, description: str, epilo
             kwargs.update(choices=[str(c) for c in typing.get_args(tp)], metavar="{" + ",".join(map(str, typing.get_args(tp))) + "}")
         else:
             kwargs["metavar"] = name.upper()
-        group.add_argument(_flag(name), **kwargs)
+        group.add_argument(_flag(name), *aliases.get(name, ()), **kwargs)
     return parser
 
 

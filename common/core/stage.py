@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 CHECKPOINT_MARKER = "checkpoint_complete.json"  # common.training.checkpoints.MARKER: uploaded last
+# While a stage runs, <run>/.state/<stage>.running.json holds (host, pid, start); a failure leaves
+# <run>/.state/<stage>.failed.json (its message). Outside the stage folder: never an output. `asr-ft status`
+# reads them.
+STATE_DIR, RUNNING, FAILED = ".state", "running", "failed"
+PIPELINE_ENV = "ASRFT_PIPELINE"  # set by `asr-ft run` for its steps
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes shows this file's text as the pod's failure reason
 
@@ -243,17 +249,20 @@ def run_stage(
             store = open_store(settings.artifacts, settings.s3)
             with run_lock(store, settings.run_id, stage, ttl=settings.s3.lease_seconds):
                 return _run_locked(stage, settings, store, inputs, body)
-    except StageFailed as e:
-        return fail(stage, str(e), e.exit_code)
-    except (StoreError, RunLocked) as e:  # its message names the URI and what to check
+    except RunLocked as e:  # another run holds the run-id: its state markers are its own
         return fail(stage, str(e), EXIT_FAILED)
+    except StageFailed as e:
+        return _failed(settings, stage, str(e), e.exit_code)
+    except StoreError as e:  # its message names the URI and what to check
+        return _failed(settings, stage, str(e), EXIT_FAILED)
     except Preempted as e:
-        return fail(stage, f"{e}; nothing half-written was published. Re-run the same command to resume", e.exit_code)
+        return _failed(settings, stage, f"{e}; nothing half-written was published. Re-run the same command to resume",
+                       e.exit_code)
     except KeyboardInterrupt:
-        return fail(stage, "interrupted; re-run the same command to resume", 130)
+        return _failed(settings, stage, "interrupted; re-run the same command to resume", 130)
     except Exception as e:  # noqa: BLE001 - the stage's last line of defence: one clean message, not a traceback
         log.debug("%s: traceback", stage, exc_info=True)
-        return fail(stage, describe_error(e), EXIT_FAILED)
+        return _failed(settings, stage, describe_error(e), EXIT_FAILED)
 
 
 def describe_error(e: BaseException) -> str:
@@ -294,6 +303,13 @@ def _run_locked(stage: str, settings: StageSettings, store: Store,
     local = store.local_path(store.join(settings.run_id, stage))
     if local is None:
         local = cache_dir() / "staging" / hashlib.sha256(settings.artifacts.encode()).hexdigest()[:16] / settings.run_id / stage
+    if old is not None and not settings.force and not os.environ.get(PIPELINE_ENV):
+        changed = settings_changes(old.get("settings") or {}, fingerprint_fields(settings))
+        if changed:
+            raise StageFailed(
+                f"run '{settings.run_id}' already holds {stage} results made with other settings "
+                f"({'; '.join(changed)}). Pass --force to replace them, or choose another --run-id "
+                f"(`asr-ft status {settings.run_id}` shows the run).", exit_code=EXIT_BAD_INPUT)
     if old is not None:
         # Outdated (or --force): the manifest goes first so a half-redone stage never looks complete, then
         # the old outputs, so none of them is listed in the new manifest. A stage that crashed (no
@@ -313,6 +329,10 @@ def _run_locked(stage: str, settings: StageSettings, store: Store,
     if isinstance(store, S3Store):  # under the run's lock: no live upload of this stage can be among them
         store.abort_open_uploads(store.join(settings.run_id, stage))
     remove_temp_files(cache_dir(), older_than=CACHE_TEMP_AGE, depth=1)
+    marks = (store, settings.run_id, stage)
+    _mark(*marks, FAILED, None)
+    _mark(*marks, RUNNING, {"host": socket.gethostname(), "pid": os.getpid(),
+                            "started": datetime.now(UTC).isoformat(timespec="seconds")})
     ctx = StageContext(stage, settings, store, settings.run_id, local)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -333,6 +353,7 @@ def _run_locked(stage: str, settings: StageSettings, store: Store,
     }
     fault_point("stage.manifest")
     store.write_json(store.join(settings.run_id, stage, MANIFEST), manifest)
+    _mark(*marks, RUNNING, None)
     log.info("%s: done in %.1f s → %s", stage, manifest["seconds"], store.uri_for(store.join(settings.run_id, stage)))
     return EXIT_OK
 
@@ -365,6 +386,45 @@ def remove_temp_files(folder: Path, older_than: float = 0.0, depth: int | None =
     if found:
         log.info("removed %d temporary file(s) an interrupted earlier run left, e.g. %s", len(found), found[0])
     return found
+
+
+def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old → new`` for each setting that changes a result (fingerprint fields) and differs."""
+    skip = {"artifacts", "run_id", "force", "log_level", "s3"}
+    keys = [k for k in dict.fromkeys([*new, *old]) if k not in skip]
+    return [f"{k}: {json.dumps(old.get(k), ensure_ascii=False)} → {json.dumps(new.get(k), ensure_ascii=False)}"
+            for k in keys if old.get(k) != new.get(k)]
+
+
+def state_key(store: Store, run_id: str, stage: str, name: str) -> str:
+    """Store key of a stage's RUNNING / FAILED marker."""
+    return store.join(run_id, STATE_DIR, f"{stage}.{name}.json")
+
+
+def _mark(store: Store, run_id: str, stage: str, name: str, content: dict[str, Any] | None) -> None:
+    """Write (or with None remove) a state marker of the stage; best effort, never fails the stage."""
+    key = state_key(store, run_id, stage, name)
+    try:
+        if content is None:
+            if store.exists(key):
+                store.delete_prefix(key)
+        else:
+            store.write_json(key, content)
+    except (StoreError, OSError) as e:
+        log.debug("cannot update %s: %s", key, e)
+
+
+def _failed(settings: StageSettings, stage: str, message: str, code: int) -> int:
+    try:
+        store = open_store(settings.artifacts, settings.s3)
+        if store.exists(state_key(store, settings.run_id, stage, RUNNING)):  # the stage had started
+            _mark(store, settings.run_id, stage, RUNNING, None)
+            _mark(store, settings.run_id, stage, FAILED, {
+                "message": message[-2000:], "exit_code": code,
+                "finished": datetime.now(UTC).isoformat(timespec="seconds")})
+    except (StoreError, OSError):
+        pass
+    return fail(stage, message, code)
 
 
 def fail(stage: str, message: str, code: int) -> int:

@@ -21,6 +21,13 @@ letters or digits (Latin words, numbers, Hangul) is one token. So ``我用 iPhon
 ``我 用 iphone 15 打 电 话``; on purely Chinese text WER then equals CER, and English words are
 counted as words rather than as letters. ``"".join(normalize_words(t)) == normalize(t)`` always.
 
+Which steps run is a :class:`TextPolicy` (the settings' ``text_norm``: ``default``, ``none`` or a comma list of
+``fullwidth, simplified, lowercase, punctuation, numbers``). The same policy makes the training targets
+(:func:`training_target`, applied by the extract stage) and the scored text, so a model is trained on what it is
+scored on. ``numbers`` is inverse text normalization for scoring only: Chinese numerals become digits on both
+sides with cn2an (``三个`` → ``3个``, ``二零二四年`` / ``两千零二十四年`` → ``2024年``), so a model writing ``3个``
+for a reference ``三个`` makes no error. Training targets keep numbers as transcribed.
+
 Functions never modify their inputs (strings are immutable anyway); callers keep the raw text
 next to the normalized one.
 """
@@ -32,6 +39,9 @@ import logging
 import re
 import string
 import unicodedata
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import opencc
 
@@ -60,6 +70,75 @@ def _converter() -> opencc.OpenCC:
     return opencc.OpenCC(OPENCC_CONFIG)
 
 
+TEXT_NORM_STEPS = ("fullwidth", "simplified", "lowercase", "punctuation", "numbers")
+STEP_MEANING = {
+    "fullwidth": "NFKC: full-width → half-width",
+    "simplified": "traditional → simplified (OpenCC t2s)",
+    "lowercase": "Latin lower-cased",
+    "punctuation": "punctuation removed",
+    "numbers": "Chinese numerals → digits when scoring (cn2an)",
+}
+
+
+@dataclass(frozen=True)
+class TextPolicy:
+    """Which normalization steps run (see the module doc); ``TextPolicy.parse("default")`` runs them all."""
+
+    steps: frozenset[str] = frozenset(TEXT_NORM_STEPS)
+
+    @classmethod
+    def parse(cls, spec: str | Iterable[str] | TextPolicy | None) -> TextPolicy:
+        """``default`` (every step), ``none``, or steps separated by commas; ValueError naming a wrong step."""
+        if isinstance(spec, TextPolicy):
+            return spec
+        if spec is None:
+            return cls()
+        items = [p.strip().lower() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
+        if items == ["default"]:
+            return cls()
+        if items in ([], ["none"]):
+            return cls(frozenset())
+        unknown = [p for p in items if p not in TEXT_NORM_STEPS]
+        if unknown:
+            raise ValueError(f"text_norm: unknown step(s) {unknown}; use 'default', 'none' or a comma list of "
+                             f"{', '.join(TEXT_NORM_STEPS)}")
+        return cls(frozenset(items))
+
+    def spec(self) -> str:
+        """The policy as the setting writes it: ``default``, ``none`` or the steps in their fixed order."""
+        if self.steps == frozenset(TEXT_NORM_STEPS):
+            return "default"
+        return ",".join(s for s in TEXT_NORM_STEPS if s in self.steps) or "none"
+
+    def describe(self) -> str:
+        """The steps in words, for reports."""
+        return "; ".join(STEP_MEANING[s] for s in TEXT_NORM_STEPS if s in self.steps) or "none (raw text)"
+
+
+DEFAULT_POLICY = TextPolicy()
+
+
+@functools.cache
+def _cn2an():
+    import cn2an
+
+    return cn2an
+
+
+def numbers_to_digits(text: str) -> str:
+    """Chinese numerals → Arabic digits with cn2an (``三个`` → ``3个``, ``二零二四年`` → ``2024年``); text it cannot
+    read (``万一``) is kept."""
+    if not any("\u4e00" <= ch <= "\u9fff" or ch in "〇零" for ch in text):
+        return text
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cn2an warns about every idiom it leaves alone
+        try:
+            return _cn2an().transform(text, "cn2an")
+        except Exception:  # a sentence cn2an cannot parse is scored as written
+            log.debug("cn2an could not transform %r", text, exc_info=True)
+            return text
+
+
 def _is_separator(ch: str) -> bool:
     """True for characters that carry no spoken content: punctuation, ASCII symbols, spaces, controls."""
     if ch in _ASCII_PUNCTUATION or ch.isspace():
@@ -68,26 +147,64 @@ def _is_separator(ch: str) -> bool:
     return category[0] in "PZC"  # Punctuation, separators (spaces), controls/format/unassigned
 
 
-def _canonical(text: str) -> str:
-    """Steps 1-3 (NFKC, traditional → simplified, lower case); punctuation still in place."""
+def _canonical(text: str, policy: TextPolicy = DEFAULT_POLICY, numbers: bool = True) -> str:
+    """Steps 1-3 (NFKC, traditional → simplified, lower case) and, for scoring, numbers → digits; punctuation
+    still in place."""
     if not isinstance(text, str):
         raise TypeError(f"expected a transcript as str, got {type(text).__name__}: {text!r}")
-    text = unicodedata.normalize("NFKC", text)
-    # OpenCC works on phrases, so convert before punctuation is removed and phrases run together.
-    text = _converter().convert(text)
-    return text.lower()
+    steps = policy.steps
+    if "fullwidth" in steps:
+        text = unicodedata.normalize("NFKC", text)
+    if "simplified" in steps:
+        # OpenCC works on phrases, so convert before punctuation is removed and phrases run together.
+        text = _converter().convert(text)
+    if "lowercase" in steps:
+        text = text.lower()
+    if numbers and "numbers" in steps:
+        text = numbers_to_digits(text)
+    return text
 
 
-def normalize(text: str) -> str:
+def _drops(ch: str, policy: TextPolicy) -> bool:
+    """Whether scoring drops ``ch``: whitespace and controls always, punctuation when the policy says so."""
+    if ch.isspace() or unicodedata.category(ch)[0] in "ZC":
+        return True
+    return "punctuation" in policy.steps and _is_separator(ch)
+
+
+def training_target(text: str, policy: TextPolicy = DEFAULT_POLICY) -> str:
+    """The transcript as a model is trained on it: the policy's steps but numbers (kept as transcribed), with
+    punctuation removed and a single space kept only between two Latin/digit words (``我用 iPhone，15 块。`` →
+    ``我用iphone 15块``); an apostrophe inside a word stays (``don't``).
+
+    >>> training_target("這是「iPhone 15」，好嗎？")
+    '这是iphone 15好吗'
+    """
+    text = _canonical(text, policy, numbers=False)
+    out: list[str] = []
+    gap = False
+    for i, ch in enumerate(text):
+        inner_apostrophe = ch in "'’" and 0 < i < len(text) - 1 and text[i - 1].isalpha() and text[i + 1].isalpha()
+        if not inner_apostrophe and _drops(ch, policy):
+            gap = True
+            continue
+        if gap and out and not is_cjk_char(ch) and not is_cjk_char(out[-1]) and not _drops(out[-1], policy):
+            out.append(" ")
+        gap = False
+        out.append(ch)
+    return "".join(out)
+
+
+def normalize(text: str, policy: TextPolicy = DEFAULT_POLICY) -> str:
     """Normalized text for CER: NFKC, simplified Chinese, lower case, no punctuation or whitespace.
 
     >>> normalize("“這是 iPhone，ＡＢＣ１２３！”")
     '这是iphoneabc123'
     """
-    return "".join(ch for ch in _canonical(text) if not _is_separator(ch))
+    return "".join(ch for ch in _canonical(text, policy) if not _drops(ch, policy))
 
 
-def normalize_words(text: str) -> list[str]:
+def normalize_words(text: str, policy: TextPolicy = DEFAULT_POLICY) -> list[str]:
     """Tokens for WER: each CJK character alone, each run of other letters/digits as one word.
 
     Punctuation and whitespace separate tokens and are dropped.
@@ -97,12 +214,13 @@ def normalize_words(text: str) -> list[str]:
     """
     tokens: list[str] = []
     run: list[str] = []
-    for ch in _canonical(text):
-        if _is_separator(ch) or is_cjk_char(ch):
+    for ch in _canonical(text, policy):
+        drop = _drops(ch, policy)
+        if drop or is_cjk_char(ch) or _is_separator(ch):  # kept punctuation is a token of its own
             if run:
                 tokens.append("".join(run))
                 run.clear()
-            if not _is_separator(ch):
+            if not drop:
                 tokens.append(ch)
         else:
             run.append(ch)

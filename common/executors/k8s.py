@@ -1161,7 +1161,7 @@ def _warn_credentials(common: dict[str, Any], k8s: K8sSettings) -> None:
     has_keys = any(hasattr(v, "get_secret_value") and v is not None for v in dict(s3).values())
     if str(common.get("artifacts", "")).startswith("s3://") and not k8s.s3_secret:
         log.warning("artifacts are in S3 but k8s.s3_secret is not set: the step pods get no S3 credentials "
-                    "(fine with workload identity; else create a Secret from k8s/secret.example.yaml and set "
+                    "(fine with workload identity; else create a Secret from k8s/examples/secret.example.yaml and set "
                     "--k8s-s3-secret)%s", "; the keys given to this command are NOT passed on" if has_keys else "")
 
 

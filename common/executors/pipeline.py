@@ -38,6 +38,7 @@ from common.core.settings import (
 )
 
 DEMO_CONFIG = "demo.yaml"  # packaged with jobs/run
+PIPELINE_ENV = f"{ENV_PREFIX}PIPELINE"  # set for every step `asr-ft run` starts
 
 
 def demo_config_path() -> Path:
@@ -69,6 +70,59 @@ def steps_of(pipeline: dict[str, Any], only: list[str] | None = None) -> list[st
     return steps
 
 
+def settings_class(step: str):
+    """The StageSettings subclass of a step (its module's class whose env prefix is ``ASRFT_<STEP>_``)."""
+    import importlib
+
+    from common.core.settings import StageSettings
+
+    prefix = f"{ENV_PREFIX}{step.upper().replace('-', '_')}_"
+    for name in (stage(step).module, stage(step).module + ".__main__"):
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if (isinstance(value, type) and issubclass(value, StageSettings) and value is not StageSettings
+                    and value.model_config.get("env_prefix", "").upper() == prefix):
+                return value
+    raise LookupError(f"no settings class with prefix {prefix} in {module.__name__}")
+
+
+def validate_pipeline(pipeline: dict[str, Any], path: Path | str, steps: list[str],
+                      common: dict[str, Any]) -> list[str]:
+    """Every problem of every step's section, checked with that step's own settings class before anything runs:
+    ``<file>: section '<step>', key '<key>': <what is wrong>``. Values come from the file, the common values
+    from the orchestrator, anything else from the environment as the step will see it."""
+    from pydantic import ValidationError
+
+    problems: list[str] = []
+    given = {k: v for k, v in common.items() if v is not None and k != "s3"}
+    for step in steps:
+        try:
+            section = yaml_section(pipeline, step, path)
+        except SettingsError as e:
+            problems.append(str(e))
+            continue
+        own = {k: v for k, v in section.items() if k not in COMMON_FIELDS}
+        cls = settings_class(step)
+        try:
+            cls(**{**own, **given})
+        except ValidationError as e:
+            for err in e.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                msg = err["msg"].removeprefix("Value error, ")
+                where = f"section '{step}'" + (f", key '{loc}'" if loc else "")
+                if err["type"] == "extra_forbidden":
+                    msg = (f"not a setting of {step}; check the spelling (`asr-ft {step} --help` lists the "
+                           "settings)")
+                elif err["type"] == "missing":
+                    msg = f"required; add `{loc}:` to the '{step}' section"
+                got = err.get("input")
+                if loc and err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict) \
+                        and got is not None and "secret" not in loc and "password" not in loc:
+                    msg += f" (got {repr(got)[:80]})"
+                problems.append(f"{path}: {where}: {msg}")
+    return problems
+
+
 def env_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -95,6 +149,7 @@ def common_env(common: dict[str, Any], *, secrets: bool) -> dict[str, str]:
                 env[f"{ENV_PREFIX}S3__{sub.upper()}"] = env_value(v)
         else:
             env[f"{ENV_PREFIX}{key.upper()}"] = env_value(value)
+    env[PIPELINE_ENV] = "1"  # the step runs in a pipeline: changed settings redo it without --force
     return env
 
 

@@ -100,8 +100,10 @@ class SetSpec(BaseModel):
 
     name: str = Field(..., pattern=NAME_PATTERN, description="set name in metrics and reports")
     jsonl: str | None = Field(None, description="records JSONL; run:prepare/test.jsonl = a file of this run")
-    csv: str | None = Field(None, description="transcript CSV (audio id + text)")
-    audio_dir: str | None = Field(None, description="folder with the CSV's audio files")
+    csv: str | None = Field(None, description="transcript manifest: CSV/TSV, NeMo/FunASR JSON lines, a Kaldi data "
+                                              "folder or a Hugging Face audiofolder (format detected)")
+    audio_dir: str | None = Field(None, description="folder with the manifest's audio files [default: the "
+                                                    "manifest's folder]")
     dir: str | None = Field(None, description=f"folder holding {DIR_CSV} (audio id + text) and {DIR_AUDIO}/")
     optional: bool = Field(False, description="skip the set with a warning when its files or variables are missing")
 
@@ -110,8 +112,6 @@ class SetSpec(BaseModel):
         if sum(map(bool, (self.jsonl, self.csv, self.dir))) != 1:
             raise ValueError(f"set {self.name!r}: give exactly one of jsonl (records), csv + audio_dir, or dir "
                              f"(a folder holding {DIR_CSV} and {DIR_AUDIO}/)")
-        if self.csv and not self.audio_dir:
-            raise ValueError(f"set {self.name!r}: csv needs audio_dir (the folder holding its audio files)")
         if self.audio_dir and not self.csv:
             raise ValueError(f"set {self.name!r}: audio_dir is given without csv")
         return self
@@ -180,6 +180,18 @@ class EvaluateSettings(StageSettings):
     batch_size: int = Field(0, ge=0, description="utterances per batch (0 = 8 on CPU, 32 on GPU)")
     threads: int = Field(0, ge=0, description="CPU threads for CTranslate2 (0 = every core this process may use)")
     title: str = Field("ASR evaluation · 语音识别评估", description="report title")
+    text_norm: str = Field(
+        "default", description="text normalization, the same for training targets (extract) and scoring "
+                               "(evaluate, score): default (every step), none, or a comma list of fullwidth, "
+                               "simplified, lowercase, punctuation, numbers (Chinese numerals → digits, scoring "
+                               "only)", examples=["default", "fullwidth,simplified,punctuation"])
+
+    @field_validator("text_norm")
+    @classmethod
+    def _text_norm(cls, value: str) -> str:
+        from common.core.text import TextPolicy
+
+        return TextPolicy.parse(value).spec()
 
     @field_validator("model")
     @classmethod
@@ -202,8 +214,6 @@ class EvaluateSettings(StageSettings):
         problems = []
         if self.test_jsonl and self.test_csv:
             problems.append("--test-jsonl and --test-csv are both given; use one (or list several sets in `sets`)")
-        if self.test_csv and not self.test_audio_dir:
-            problems.append("--test-csv needs --test-audio-dir (the folder holding its audio files)")
         if self.test_audio_dir and not self.test_csv:
             problems.append("--test-audio-dir is given without --test-csv")
         names = [s.name for s in self.sets] + ([self.set_name] if self.test_jsonl or self.test_csv else [])
@@ -239,8 +249,9 @@ class ModelEntry:
 class SetEntry:
     spec: SetSpec
     path: Path  # the JSONL or CSV
-    audio_dir: Path | None  # the CSV's audio folder; None for a JSONL
+    audio_dir: Path | None  # the manifest's audio folder (None: the manifest's own folder)
     fingerprint: Any
+    manifest: bool = False  # read through common.core.manifest (CSV, NeMo, Kaldi, …), not as prepare records
 
 
 @dataclass
@@ -345,10 +356,22 @@ def _set_entry(spec: SetSpec, store: Store, run_id: str) -> SetEntry:
         if any(not p.is_absolute() for p in missing):
             expected += f" (relative paths are relative to {Path.cwd()})"
         raise SetUnavailable(f"{', '.join(map(str, missing))} not found{where}; {expected}")
-    fingerprint: dict[str, Any] = {"file": _file_fingerprint(path)}
-    if audio_dir is not None:
-        fingerprint["audio"] = listing_fingerprint(audio_dir)
-    return SetEntry(spec, path, audio_dir, fingerprint)
+    manifest = source != "jsonl" or not _is_records_file(path)
+    fingerprint: dict[str, Any] = {"file": _file_fingerprint(path) if path.is_file() else listing_fingerprint(path)}
+    if manifest:
+        fingerprint["audio"] = listing_fingerprint(audio_dir if audio_dir is not None else
+                                                   path if path.is_dir() else path.parent)
+    return SetEntry(spec, path, audio_dir, fingerprint, manifest)
+
+
+def _is_records_file(path: Path) -> bool:
+    """Whether a JSON-lines file holds prepare's records (else it is read as a NeMo/FunASR manifest)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = next((line for line in f if line.strip()), "")
+        return "conversation" in json.loads(first)
+    except (OSError, ValueError, TypeError):
+        return True  # the record reader says what is wrong with it
 
 
 def plan_evaluation(settings: EvaluateSettings, store: Store) -> Plan:
@@ -420,7 +443,7 @@ def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
     except the length: recordings up to MAX_RECORDING_SECONDS (``common.core.convert``; 16 kHz mono wav in
     ``work``)."""
     try:
-        scan = scan_csvs([("test", str(entry.path), str(entry.audio_dir))], s3)
+        scan = scan_csvs([("test", str(entry.path), str(entry.audio_dir) if entry.audio_dir else None)], s3)
     except DatasetError as e:
         raise StageFailed(f"set {entry.spec.name!r}: {e}", exit_code=2) from None
     limits = ClipLimits(max_seconds=MAX_RECORDING_SECONDS)  # longer than 30 s: decoded as VAD segments
@@ -445,13 +468,18 @@ def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
 def load_sets(plan: Plan, work: Path, s3) -> list[LoadedSet]:
     loaded = []
     for entry in plan.sets:
-        data = _jsonl_set(entry) if entry.audio_dir is None else _csv_set(entry, work, s3)
-        if data.rejected:
+        data = _csv_set(entry, work, s3) if entry.manifest else _jsonl_set(entry)
+        if data.rejected and not data.utterances:
+            for r in data.rejected[:10]:
+                log.error("evaluate: set %r line %s: %s: %s", data.name, r.get("line"), r["reason"], r["message"])
+        elif data.rejected:
             log.warning("evaluate: set %r: %d bad row(s) skipped (see rejected.jsonl): %s", data.name,
                         len(data.rejected), "; ".join(f"line {r.get('line')}: {r['reason']}" for r in data.rejected[:5]))
         if not data.utterances:
             raise StageFailed(f"set {data.name!r} ({entry.path}) has no usable utterance; "
-                              f"{len(data.rejected)} row(s) rejected (see the log)", exit_code=2)
+                              f"{len(data.rejected)} row(s) rejected ("
+                              + ", ".join(sorted({r['reason'] for r in data.rejected})) + "; each row's reason is "
+                              "in the log above)", exit_code=2)
         log.info("evaluate: set %r: %d utterances, %.1f s of audio", data.name, len(data.utterances),
                  sum(u.duration or 0 for u in data.utterances))
         loaded.append(data)
@@ -558,7 +586,11 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="asrft-evaluate-") as work:
         sets = load_sets(plan, Path(work), settings.s3)
         rows, info = transcribe_all(plan, sets, settings, evaluation_family(settings, ctx.store))
-    scored = score_rows(rows, "evaluate predictions")
+    from common.core.text import TextPolicy
+    from jobs.score import text_norm_extra
+
+    policy = TextPolicy.parse(settings.text_norm)
+    scored = score_rows(rows, "evaluate predictions", policy)
     metrics = metrics_by_model_set(scored)
     rejected = [r for s in sets for r in s.rejected]
     unreadable = {(r["set"], r["id"]): r["error"] for r in info["unreadable"]}  # the same for every model
@@ -567,10 +599,12 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
     info["sets"] = {s.name: {"utterances": len(s.utterances), "rejected": len(s.rejected)} for s in sets}
     info["skipped_sets"] = plan.skipped_sets
 
+    info["text_norm"] = policy.spec()
     write_jsonl(ctx.out / "predictions.jsonl", ({k: r.get(k) for k in PREDICTION_KEYS} for r in scored))
     write_jsonl(ctx.out / "rejected.jsonl", rejected)
     atomic_write_bytes(ctx.out / "run_info.json", (json.dumps(info, ensure_ascii=False, indent=2) + "\n").encode())
-    write_report(ctx.out, metrics, scored, settings.title, report_extra(info, rejected))
+    write_report(ctx.out, metrics, scored, settings.title,
+                 {**report_extra(info, rejected), **training_extra(ctx), **text_norm_extra(policy)})
     summary = {m: {s: {"cer": v["cer"], "n": v["n"]} for s, v in sets_.items()} for m, sets_ in metrics.items()}
     for model, sets_ in summary.items():
         for set_name, v in sets_.items():
@@ -578,6 +612,28 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
                      "—" if v["cer"] is None else f"{100 * v['cer']:.1f}%", v["n"])
     return {"metrics": summary, "rejected": len(rejected), "family": info["family"], "backend": info.get("backend"),
             "device": info["device"]}
+
+
+def training_extra(ctx: StageContext) -> dict[str, Any]:
+    """The report's training section when this run fine-tuned a model: the loss on the training data and on the
+    held-out clips (eval_holdout) over the steps, and where the curves went (report_to)."""
+    from common.core.stage import read_manifest
+
+    try:
+        manifest = read_manifest(ctx.store, ctx.settings.run_id, "finetune")
+    except Exception:  # a report without this section beats no report
+        return {}
+    summary = (manifest or {}).get("summary") or {}
+    if not summary:
+        return {}
+    evals = summary.get("eval_losses") or []
+    return {"Training · 训练 (finetune)": {
+        "mode": summary.get("mode"), "steps": summary.get("global_step"), "train_clips": summary.get("train_clips"),
+        "train loss (first → last logged)": f"{summary.get('first_logged_loss')} → {summary.get('last_logged_loss')}",
+        "validation loss on held-out clips (step: loss)": ", ".join(f"{st}: {lo}" for st, lo in evals)
+        or "none (no clips held out: eval_holdout 0, or too few training clips)",
+        "curves": f"report_to {summary.get('report_to') or ['tensorboard']} (TensorBoard: finetune/tensorboard/)",
+    }}
 
 
 def report_extra(info: dict[str, Any], rejected: list[dict[str, Any]]) -> dict[str, Any]:

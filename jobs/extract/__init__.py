@@ -33,13 +33,14 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.core.records import read_jsonl, write_jsonl
+from common.core.records import read_jsonl, transcript, write_jsonl
 from common.core.settings import StageSettings
 from common.core.stage import StageContext, StageFailed, upstream_fingerprint
 from common.core.store import Store, atomic_write_bytes
+from common.core.text import TextPolicy, training_target
 from common.families import DEFAULT_FAMILY, FamilyError, ModelFamily, family_of_pretrained, get_family
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,37 @@ class ExtractSettings(StageSettings):
     family: str = Field(DEFAULT_FAMILY, description="model family of --model-dir (the run's pretrained stage "
                         "records its own)", examples=["whisper"])
     shard_rows: int = Field(256, ge=1, description="clips per cache shard file", examples=[256])
+    text_norm: str = Field(
+        "default", description="text normalization, the same for training targets (extract) and scoring "
+                               "(evaluate, score): default (every step), none, or a comma list of fullwidth, "
+                               "simplified, lowercase, punctuation, numbers (Chinese numerals → digits, scoring "
+                               "only)", examples=["default", "fullwidth,simplified,punctuation"])
+
+    @field_validator("text_norm")
+    @classmethod
+    def _text_norm(cls, value: str) -> str:
+        from common.core.text import TextPolicy
+
+        return TextPolicy.parse(value).spec()
+
+
+def normalized_targets(records: list[dict], policy: TextPolicy) -> list[dict]:
+    """Records whose transcript is the training target of ``policy`` (common.core.text.training_target, the
+    steps scoring applies); the transcript as written stays in ``raw_text`` when it differs."""
+    out = []
+    for rec in records:
+        raw = transcript(rec)
+        target = training_target(raw, policy)
+        if target == raw:
+            out.append(rec)
+            continue
+        conversation = [dict(m) for m in rec["conversation"]]
+        for msg in reversed(conversation):
+            if msg["role"] == "assistant" and msg["message_type"] == "text":
+                msg["content"] = target
+                break
+        out.append({**rec, "conversation": conversation, "raw_text": raw})
+    return out
 
 
 def model_source(settings: ExtractSettings, ctx: StageContext) -> tuple[Path, ModelFamily, str]:
@@ -130,6 +162,7 @@ def extract(ctx: StageContext) -> dict[str, Any]:
     max_seconds = front.max_seconds if front else float("inf")
     log.info("model family %s, %s; features: %s", family.name, source, front.params if front else "none")
 
+    policy = TextPolicy.parse(settings.text_norm)
     splits: dict[str, list[dict]] = {}
     skipped: list[dict] = []
     for split in SPLITS:
@@ -139,12 +172,13 @@ def extract(ctx: StageContext) -> dict[str, Any]:
                 raise StageFailed(f"{path} missing: the prepare stage wrote no training records; re-run prepare")
             continue
         kept, dropped = split_too_long(read_jsonl(path), max_seconds)
-        splits[split] = kept
+        splits[split] = normalized_targets(kept, policy) if split == "train" else kept
         skipped += [{**s, "split": split} for s in dropped]
     if not splits["train"]:
         raise StageFailed("no training clip fits the model's window; see extract/skipped.jsonl", exit_code=2)
 
-    summary: dict[str, Any] = {"family": family.name, "feature_source": source, "skipped": len(skipped)}
+    summary: dict[str, Any] = {"family": family.name, "feature_source": source, "skipped": len(skipped),
+                               "text_norm": policy.spec()}
     for split, records in splits.items():
         t0 = time.perf_counter()
         use, reason = False, "the model family computes no features ahead"

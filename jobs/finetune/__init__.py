@@ -26,6 +26,7 @@ Reads top to bottom (each step logged):
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import logging
 import random
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 
 STAGE = "finetune"
 FINAL = "final"
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "swanlab": "swanlab"}
+ADAPTER = "adapter"  # LoRA runs: the trained adapter in PEFT's format, next to final/
 
 
 class FinetuneSettings(StageSettings):
@@ -127,10 +132,25 @@ class FinetuneSettings(StageSettings):
     )
     eval_holdout: int | None = Field(None, ge=0, description="training clips held out for eval loss [default: "
                                      "planner: 5 % when that is >= 16 clips, else none]")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "swanlab", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where training curves (loss, eval loss, learning rate) go, through transformers' "
+                    "integrations: tensorboard (in finetune/tensorboard/), mlflow, wandb, swanlab, or none; each "
+                    "but tensorboard needs its package and its own settings (e.g. MLFLOW_TRACKING_URI, "
+                    "WANDB_PROJECT) and trains with the Trainer (the fast path writes TensorBoard only)",
+        examples=["tensorboard", "mlflow"],
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="force any planner decision by name (JSON), e.g. "
         '{"world_size": 1, "strategy": "zero2"}', examples=['{"save_steps": 10}'],
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # "mlflow", "tensorboard,mlflow" or a JSON list
+            value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",")]
+        return value
 
     @field_validator("overrides", mode="before")
     @classmethod
@@ -151,10 +171,32 @@ class FinetuneSettings(StageSettings):
             raise ValueError(f"overrides {unknown} are not planner decisions; choose from {list(DECISIONS)}")
         if self.pack_clips > 1 and self.context_seconds < 30:
             raise ValueError("--pack-clips > 1 trains on full 30-s windows; leave --context-seconds at 30")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"report_to {self.report_to}: 'none' cannot be combined with a tracker")
+        missing = [t for t in self.report_to if t != "none" and importlib.util.find_spec(TRACKER_PACKAGES[t]) is None]
+        if missing:
+            raise ValueError(f"report_to {missing}: not installed here; pip install "
+                             f"{' '.join(TRACKER_PACKAGES[t] for t in missing)}, or drop it from report_to")
         if self.mode == "freeze-encoder" and self.frozen_encoder_layers:
             raise ValueError("--frozen-encoder-layers has no meaning with --mode freeze-encoder (the whole encoder "
                              "is frozen); drop one of them")
         return self
+
+
+def save_peft_adapter(trainee: Any, out: Path) -> str | None:
+    """A LoRA trainee's adapter in PEFT's own format (adapter_config.json + adapter_model.safetensors, loadable
+    with ``PeftModel.from_pretrained(base, out)``); None when the trainee has no PEFT adapter."""
+    from peft import PeftModel
+
+    from common.core.files import atomic_dir
+
+    owner = getattr(trainee, "owner", trainee)
+    if not isinstance(owner, PeftModel):
+        return None
+    with atomic_dir(out) as tmp:
+        owner.save_pretrained(str(tmp), safe_serialization=True)
+    log.info("LoRA adapter (PEFT format) → %s", out)
+    return out.name
 
 
 def finetune_inputs(settings: FinetuneSettings, store: Store) -> dict[str, Any]:
@@ -265,6 +307,9 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
 
     freeze_gc()  # the examples and the model live until the end
     fast, fast_reason = fast_path_decision(s.fast_path, the_plan, trainee, built)
+    trackers = sorted(set(s.report_to) - {"tensorboard", "none"})
+    if fast and trackers:
+        fast, fast_reason = False, f"report_to {trackers} goes through transformers' integrations: the Trainer"
     log.info("fast path 快速训练: %s (%s)", "on" if fast else "off", fast_reason)
     for name, value, reason in [
         *built.decisions,
@@ -294,7 +339,10 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
         del trainee, built  # the partitioned / 16-bit training copies (and any cached features)
         gc.collect()
         trainee = final_trainee_from_zero(ctx, family, model_dir, the_plan, trained["global_step"])
+    adapter = save_peft_adapter(trainee, ctx.out / ADAPTER)  # before save_final merges the LoRA weights in
     final = family.save_final(trainee, ctx.out / FINAL, model_dir, values)
+    if adapter:
+        final["adapter"] = adapter
     final["weights_from"] = source
     losses = trained["losses"]
     summary = {
@@ -307,6 +355,8 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
         "train_loss": trained["train_loss"],
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
+        "eval_losses": trained.get("eval_losses") or [],  # [step, loss on the held-out clips]
+        "report_to": list(s.report_to),
         **trained.get("speed", {}),
         "train_seconds": round(train_seconds, 1),
         "dataset_seconds": round(dataset_seconds, 1),

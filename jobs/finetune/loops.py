@@ -143,7 +143,7 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Plan, built: B
     seed = ctx.settings.seed
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.out / TENSORBOARD)  # transformers >= 5
     extra_args: dict[str, Any] = {
-        "seed": seed, "report_to": ["tensorboard"], "disable_tqdm": False, "remove_unused_columns": False,
+        "seed": seed, "report_to": list(ctx.settings.report_to), "disable_tqdm": False, "remove_unused_columns": False,
         "label_names": ["labels"], "prediction_loss_only": True, "logging_first_step": True,
         "dataloader_pin_memory": the_plan.device == "cuda",
     }
@@ -182,6 +182,7 @@ def train_with_trainer(ctx: StageContext, trainee: Any, the_plan: Plan, built: B
         "global_step": trainer.state.global_step,
         "train_loss": round(result.training_loss, 4) if result.training_loss is not None else None,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "eval_losses": [[h["step"], round(h["eval_loss"], 5)] for h in trainer.state.log_history if "eval_loss" in h],
     }
 
 
@@ -197,7 +198,8 @@ def train_with_fast_path(ctx: StageContext, trainee: Any, the_plan: Plan, built:
         result = train_fast(
             trainee, built.train, built.collator, the_plan.schedule, ctx.out / CHECKPOINTS,
             on_checkpoint=lambda _path: ctx.sync(), resume_from=resume, eval_dataset=built.eval,
-            options=FastOptions(seed=ctx.settings.seed, tensorboard_dir=str(ctx.out / TENSORBOARD)),
+            options=FastOptions(seed=ctx.settings.seed, tensorboard_dir=str(ctx.out / TENSORBOARD)
+                                if "tensorboard" in ctx.settings.report_to else None),
         )
     stopped_by_signal(ctx, result["global_step"])
     state = {"global_step": result["global_step"], "max_steps": result["max_steps"],
@@ -207,6 +209,7 @@ def train_with_fast_path(ctx: StageContext, trainee: Any, the_plan: Plan, built:
         "global_step": result["global_step"],
         "train_loss": result["train_loss"],
         "losses": [h["loss"] for h in result["log_history"] if "loss" in h],
+        "eval_losses": [[h["step"], h["eval_loss"]] for h in result["log_history"] if "eval_loss" in h],
         "speed": {"fast_path_speed": {k: result.get(k) for k in FAST_SPEED_KEYS}},
     }
 

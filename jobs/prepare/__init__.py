@@ -1,4 +1,7 @@
-"""The prepare stage: transcript CSV(s) + audio folder(s) → checked, converted train/test records.
+"""The prepare stage: transcript manifest(s) + audio folder(s) → checked, converted train/test records.
+
+Manifests: CSV/TSV, JSON lines (NeMo, FunASR, records), Kaldi data folders, Hugging Face audiofolders — read by
+``common.core.manifest`` into the same rows (the format is detected, or ``--format``).
 
     scan = scan_inputs(settings)     # read the CSVs, check each row, find its audio file (no decoding)
     summary = prepare(ctx, scan)     # decode + convert the audio, split, write the outputs
@@ -38,7 +41,7 @@ from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -46,6 +49,7 @@ from tqdm import tqdm
 
 from common.core.convert import MAX_SECONDS, MIN_SECONDS, ClipLimits, Converted, Job, Scan, convert, scan_csvs
 from common.core.dataset import MAX_CHARS_PER_SECOND, REASONS, DatasetError, Problem, Rejected, safe_file_name
+from common.core.manifest import FORMATS as MANIFEST_FORMATS
 from common.core.records import make_record, transcript, write_jsonl
 from common.core.settings import StageSettings
 from common.core.stage import StageContext, StageFailed
@@ -64,17 +68,34 @@ TOP_CHARS = 50  # characters listed in stats.json's inventory
 class PrepareSettings(StageSettings):
     model_config = SettingsConfigDict(env_prefix="ASRFT_PREPARE_")
 
+    cli_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"train_csv": ("--train",), "test_csv": ("--test",)}
+
     train_csv: str = Field(
-        ..., description="CSV of training rows: audio id + transcript (UTF-8, BOM ok; local or s3://)",
-        examples=["data/train.csv", "s3://bucket/data/train.csv"],
+        ..., description="training manifest (alias --train): a CSV/TSV, a JSON-lines file (NeMo, FunASR, records), "
+                         "a Kaldi data folder (wav.scp + text) or a Hugging Face audiofolder (local or s3://)",
+        examples=["data/train.csv", "data/train_manifest.jsonl", "data/kaldi/train", "s3://bucket/data/train.csv"],
     )
-    audio_dir: str = Field(
-        ..., description="folder with the train CSV's audio files (local or s3://bucket/prefix)",
+    audio_dir: str | None = Field(
+        None, description="folder the manifest's relative audio paths start from (local or s3://bucket/prefix) "
+                          "[default: the manifest's folder]",
         examples=["data/audio", "s3://bucket/data/audio"],
     )
     test_csv: str | None = Field(
-        None, description="CSV of test rows (e.g. answers.csv); or use --test-ratio instead",
+        None, description="test manifest (alias --test; any format --train-csv takes, e.g. answers.csv); "
+                          "or use --test-ratio instead",
         examples=["data/answers.csv"],
+    )
+    format: Literal[MANIFEST_FORMATS] = Field(  # type: ignore[valid-type]
+        "auto", description="manifest format; auto: a folder with wav.scp is kaldi, with metadata.csv audiofolder, "
+                            "a .jsonl file (or one starting with '{') jsonl, else csv (delimiter detected)")
+    encoding: str | None = Field(
+        None, description="text encoding of the manifests [default: UTF-8 (BOM ok), else detected, e.g. GB18030]",
+        examples=["gb18030", "big5"],
+    )
+    audio_root: list[str] = Field(
+        default_factory=list,
+        description="folders absolute audio paths may point into, besides --audio-dir (a path elsewhere is "
+                    "rejected as path_escape)", examples=["/data/corpus"],
     )
     test_audio_dir: str | None = Field(
         None, description="folder with the test CSV's audio [default: --audio-dir]", examples=["data/test_audio"],
@@ -112,6 +133,13 @@ class PrepareSettings(StageSettings):
             )
         if self.test_audio_dir and not self.test_csv:
             problems.append("--test-audio-dir is given without --test-csv; add --test-csv FILE or drop it")
+        if self.encoding:
+            import codecs
+
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                problems.append(f"--encoding {self.encoding!r} is not a known encoding; use e.g. utf-8, gb18030, big5")
         if self.test_csv and self.test_csv == self.train_csv:
             problems.append("--test-csv is the train CSV; a model tested on its training data proves nothing — "
                             "pass a separate test CSV or use --test-ratio")
@@ -130,8 +158,10 @@ def scan_inputs(settings: PrepareSettings) -> Scan:
     sources = [("train", settings.train_csv, settings.audio_dir)]
     if settings.test_csv:
         sources.append(("test", settings.test_csv, settings.test_audio_dir or settings.audio_dir))
+    # a test manifest without its own audio folder: the --audio-dir when given, else its own folder
     try:
-        return scan_csvs(sources, settings.s3, id_column=settings.id_column, text_column=settings.text_column)
+        return scan_csvs(sources, settings.s3, id_column=settings.id_column, text_column=settings.text_column,
+                         fmt=settings.format, encoding=settings.encoding, audio_roots=tuple(settings.audio_root))
     except DatasetError as e:
         raise StageFailed(str(e), exit_code=2) from None
 

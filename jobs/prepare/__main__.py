@@ -1,4 +1,4 @@
-"""asr-ft prepare — check a transcript CSV + audio folder and convert it into train/test records.
+"""asr-ft prepare — check a transcript manifest + audio folder and convert it into train/test records.
 
     asr-ft prepare --train-csv data/train.csv --audio-dir data/audio \\
         --test-csv data/answers.csv --test-audio-dir data/test_audio [--run-id ID] [--artifacts URI]
@@ -6,12 +6,15 @@
 
 Environment: ASRFT_PREPARE_TRAIN_CSV, ASRFT_PREPARE_AUDIO_DIR, ASRFT_PREPARE_TEST_CSV,
 ASRFT_PREPARE_TEST_AUDIO_DIR, ASRFT_PREPARE_TEST_RATIO, ASRFT_PREPARE_SEED, ASRFT_PREPARE_ID_COLUMN,
-ASRFT_PREPARE_TEXT_COLUMN, ASRFT_PREPARE_MIN_SECONDS, ASRFT_PREPARE_MAX_SECONDS,
+ASRFT_PREPARE_TEXT_COLUMN, ASRFT_PREPARE_FORMAT, ASRFT_PREPARE_ENCODING, ASRFT_PREPARE_AUDIO_ROOT,
+ASRFT_PREPARE_MIN_SECONDS, ASRFT_PREPARE_MAX_SECONDS,
 ASRFT_PREPARE_MAX_CHARS_PER_SECOND, ASRFT_PREPARE_WORKERS; common: ASRFT_ARTIFACTS, ASRFT_RUN_ID,
 ASRFT_FORCE, ASRFT_LOG_LEVEL, ASRFT_S3__ENDPOINT_URL (and the other ASRFT_S3__* keys).
 
-Reads CSVs in UTF-8 (BOM ok) with auto-detected id/text columns; decodes any audio libsndfile reads,
-down-mixes to mono and resamples to 16 kHz (soxr). Writes <artifacts>/<run-id>/prepare/: audio/*.wav
+Reads CSV/TSV (delimiter detected; UTF-8 with or without BOM, GB18030/GBK or Big5 detected, or --encoding)
+with auto-detected id/text columns, JSON lines (NeMo, FunASR, this project's records), Kaldi data folders
+(wav.scp + text) and Hugging Face audiofolders (--format, default auto); decodes any audio libsndfile or
+FFmpeg (PyAV) reads (WAV, FLAC, MP3, OGG, M4A/AAC, Opus, WebM, …), down-mixes to mono and resamples to 16 kHz (soxr). Writes <artifacts>/<run-id>/prepare/: audio/*.wav
 (16 kHz 16-bit), train.jsonl, test.jsonl, rejected.jsonl (each bad row with a reason code and how to fix
 it) and stats.json. A bad row never stops the stage; exit 0 with at least one good train row, else 2.
 """
@@ -37,7 +40,14 @@ EXAMPLES = """examples:
   asr-ft prepare --train-csv s3://bucket/data/train.csv --audio-dir s3://bucket/data/audio --test-ratio 0.1 \\
       --artifacts s3://bucket/runs --s3-endpoint-url http://minio:9000
 
-中文: 检查 CSV 与音频, 转成 16 kHz 单声道 wav, 输出 train/test.jsonl、被拒行 rejected.jsonl(含原因) 与统计 stats.json。
+  # other manifest formats (detected; --format to force one)
+  asr-ft prepare --train data/train_manifest.json --audio-root /data/corpus --test-ratio 0.1  # NeMo, absolute paths
+  asr-ft prepare --train data/funasr_train.jsonl --audio-dir data/wav --test-ratio 0.1        # FunASR key/source/target
+  asr-ft prepare --train data/kaldi/train --test data/kaldi/test --audio-root /data/wav       # Kaldi wav.scp + text
+  asr-ft prepare --train data/my_audiofolder --test-ratio 0.1                                  # metadata.csv + audio
+  asr-ft prepare --train data/gbk.csv --audio-dir data/audio --encoding gb18030 --test-ratio 0.1
+
+中文: 检查标注清单 (CSV/TSV、NeMo/FunASR JSONL、Kaldi 目录、Hugging Face audiofolder) 与音频, 转成 16 kHz 单声道 wav, 输出 train/test.jsonl、被拒行 rejected.jsonl(含原因) 与统计 stats.json。
 """
 
 

@@ -12,7 +12,9 @@ The executor (common/executors/) runs the steps: ``local`` (the default, local.p
 with exactly the environment a container gets (``asr-ft <step>`` with ASRFT_* variables; see
 common/executors/pipeline.py), ``compose`` and ``k8s`` each in a container. A step whose manifest matches its
 inputs and settings skips itself; the run stops at the first failure, shows that step's last output lines, and
-ends with a summary table.
+ends with a summary table. Before the first step starts (and with --dry-run), every step's section of the
+pipeline file is checked with that step's settings; all problems are listed at once, each with the file,
+the section and the key.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from common.core.store import StoreError
 from common.executors.compose import ComposeSettings, run_compose
 from common.executors.k8s import K8sSettings, run_k8s
 from common.executors.local import exit_code, print_summary, run_local
-from common.executors.pipeline import demo_config_path, load_pipeline, steps_of
+from common.executors.pipeline import demo_config_path, load_pipeline, steps_of, validate_pipeline
 
 log = logging.getLogger("asr-ft.run")
 
@@ -69,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     common = {k: getattr(settings, k) for k in COMMON_FIELDS if k != "s3"}
     common["force"] = settings.force or None  # only passed on when asked for
     common["s3"] = dict(settings.s3)
+    problems = validate_pipeline(pipeline, config, steps, common)
+    if problems:  # every section is checked before the first step starts
+        print(f"asr-ft run: {len(problems)} problem(s) in the pipeline file; nothing was run:\n  - "
+              + "\n  - ".join(problems), file=sys.stderr)
+        return EXIT_BAD_INPUT
     log.info("pipeline %s: run '%s' in %s, steps %s, executor %s", config, settings.run_id, settings.artifacts,
              " → ".join(steps), settings.executor)
     if settings.executor == "compose":  # prints its own summary

@@ -35,6 +35,18 @@ class ScoreSettings(StageSettings):
         examples=["runs/demo/evaluate/predictions.jsonl", "other-system.jsonl"],
     )
     title: str = Field("ASR scoring · 语音识别打分", description="report title")
+    text_norm: str = Field(
+        "default", description="text normalization, the same for training targets (extract) and scoring "
+                               "(evaluate, score): default (every step), none, or a comma list of fullwidth, "
+                               "simplified, lowercase, punctuation, numbers (Chinese numerals → digits, scoring "
+                               "only)", examples=["default", "fullwidth,simplified,punctuation"])
+
+    @field_validator("text_norm")
+    @classmethod
+    def _text_norm(cls, value: str) -> str:
+        from common.core.text import TextPolicy
+
+        return TextPolicy.parse(value).spec()
 
     @field_validator("predictions", mode="before")
     @classmethod
@@ -64,13 +76,22 @@ def score(ctx: StageContext) -> dict[str, Any]:
         raise StageFailed(str(e), exit_code=2) from None
     if not rows:
         raise StageFailed(f"no prediction lines in {', '.join(settings.predictions)}", exit_code=2)
-    scored = [dict(with_errors(r)) for r in rows]
+    from common.core.text import TextPolicy
+
+    policy = TextPolicy.parse(settings.text_norm)
+    scored = [dict(with_errors(r, policy)) for r in rows]
     metrics = metrics_by_model_set(scored)
     write_report(ctx.out, metrics, scored, settings.title,
-                 {"Sources · 来源": ", ".join(settings.predictions)})
+                 {"Sources · 来源": ", ".join(settings.predictions), **text_norm_extra(policy)})
     summary = {m: {s: {"cer": v["cer"], "n": v["n"]} for s, v in sets.items()} for m, sets in metrics.items()}
     for model, sets in summary.items():
         for set_name, v in sets.items():
             log.info("score: %-12s %-14s CER %s on %d utterances", model, set_name,
                      "—" if v["cer"] is None else f"{100 * v['cer']:.1f}%", v["n"])
     return {"metrics": summary, "rows": len(rows)}
+
+
+def text_norm_extra(policy) -> dict[str, str]:
+    """The report section naming the text normalization both sides were scored with."""
+    return {"Text normalization · 文本规范化": f"text_norm = {policy.spec()}: {policy.describe()}. Training targets "
+                                             "(extract) use the same steps, numbers excepted."}

@@ -57,7 +57,7 @@ def free_port() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--strategy", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--upstream-scheduler", action="store_true")

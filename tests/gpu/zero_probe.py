@@ -132,7 +132,7 @@ def train(strategy: str, folder: Path, *, seed: int, resume: Path | None) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--strategy", required=True, help="planner strategy, e.g. zero3-offload-opt")
     parser.add_argument("--out", required=True, help="result JSON; its folder gets checkpoints and weights")
     a = parser.parse_args()

@@ -157,7 +157,7 @@ def test_evaluate_models_and_sets(tmp_path: Path, tiny: dict[str, Path], data: d
     report = (out / "report.md").read_text()
     for text in ("Decoding settings", "greedy", "Throughput", "missing_file", "empty_text", "csvset"):
         assert text in report
-    assert "data:image/png;base64," in (out / "report.html").read_text()
+    assert (out / "report.html").read_text().count("<svg role=\"img\"") == 3  # the plots, inline SVG
 
     manifest = (out / "_manifest.json").read_bytes()
     assert evaluate(argv) == 0  # same models, sets, settings → skipped
@@ -320,7 +320,7 @@ def test_a_set_that_cannot_be_found_stops_a_required_set_and_skips_an_optional_o
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--test-csv", "x.csv"], "--test-csv needs --test-audio-dir"),
+        (["--test-csv", "x.csv"], "x.csv not found"),  # the audio folder defaults to the manifest's
         (["--test-jsonl", "a.jsonl", "--test-csv", "x.csv", "--test-audio-dir", "d"], "both given"),
         (["--sets", "dev"], "expected NAME=FILE.jsonl, NAME=FILE.csv,AUDIO_DIR or NAME=dir:FOLDER"),
         (["--sets", "dev=a.jsonl", "--sets", "dev=b.jsonl"], "used twice"),
@@ -340,3 +340,51 @@ def test_score_reports_malformed_lines(tmp_path: Path, capsys: pytest.CaptureFix
                     '{"id": "2", "reference": "你好", "model": "m", "set": "s"}\n', encoding="utf-8")
     assert score_main(["--predictions", str(path), "--artifacts", str(tmp_path / "runs")]) == 2
     assert "line 2: missing key 'hypothesis'" in capsys.readouterr().err
+
+
+def test_test_sets_in_other_manifest_formats(tmp_path: Path, data: dict[str, Path]) -> None:
+    """A NeMo manifest given as jsonl, a Kaldi folder and a CSV without an audio folder are read as manifests
+    (checked and converted like prepare's input); prepare's records stay records."""
+    from common.core.store import open_store
+    from jobs.evaluate import EvaluateSettings, load_sets, plan_evaluation
+
+    nemo = tmp_path / "nemo.jsonl"
+    nemo.write_text("".join(json.dumps({"audio_filepath": f"csv_audio/{n}.wav", "text": t}, ensure_ascii=False)
+                            + "\n" for n, t in (("c0", "今天天气很好"), ("c1", "这是一个测试"))), encoding="utf-8")
+    (tmp_path / "csv_audio").mkdir()
+    for name in ("c0", "c1"):
+        (tmp_path / "csv_audio" / f"{name}.wav").write_bytes((data["audio"] / f"{name}.wav").read_bytes())
+    answers = tmp_path / "answers.csv"  # no audio folder given: paths are relative to the CSV's folder
+    answers.write_text("audio_id,text\ncsv_audio/c0.wav,今天天气很好\ncsv_audio/c1.wav,这是一个测试\n", encoding="utf-8")
+    kaldi = tmp_path / "kaldi"
+    kaldi.mkdir()
+    (kaldi / "wav.scp").write_text(f"k0 {data['audio'] / 'c0.wav'}\nk1 cat x.wav |\n", encoding="utf-8")
+    (kaldi / "text").write_text("k0 今天天气很好\nk1 管道\n", encoding="utf-8")
+    settings = EvaluateSettings(artifacts=str(tmp_path / "runs"), model=["a=bundled:whisper-base"], sets=[
+        {"name": "records", "jsonl": str(data["jsonl"])}, {"name": "nemo", "jsonl": str(nemo)},
+        {"name": "csv", "csv": str(answers)}, {"name": "kaldi", "csv": str(kaldi), "audio_dir": str(data["audio"])}])
+    plan = plan_evaluation(settings, open_store(str(tmp_path / "runs")))
+    assert [(e.spec.name, e.manifest) for e in plan.sets] == [
+        ("records", False), ("nemo", True), ("csv", True), ("kaldi", True)]
+    loaded = {s.name: s for s in load_sets(plan, tmp_path / "work", None)}
+    assert [u.id for u in loaded["nemo"].utterances] == ["csv_audio/c0", "csv_audio/c1"]
+    assert [u.reference for u in loaded["csv"].utterances] == ["今天天气很好", "这是一个测试"]
+    assert [u.id for u in loaded["kaldi"].utterances] == ["k0"]
+    assert [r["reason"] for r in loaded["kaldi"].rejected] == ["kaldi_command"]
+
+
+def test_a_set_with_no_usable_row_says_why_on_the_console(tmp_path: Path, data: dict[str, Path], caplog) -> None:
+    from common.core.stage import StageFailed
+    from common.core.store import open_store
+    from jobs.evaluate import EvaluateSettings, load_sets, plan_evaluation
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"audio_filepath": "nowhere.wav", "text": "没有"}\nnot json\n', encoding="utf-8")
+    settings = EvaluateSettings(artifacts=str(tmp_path / "runs"), model=["a=bundled:whisper-base"],
+                                sets=[{"name": "bad", "jsonl": str(bad)}])
+    plan = plan_evaluation(settings, open_store(str(tmp_path / "runs")))
+    with pytest.raises(StageFailed) as failed:
+        load_sets(plan, tmp_path / "work", None)
+    assert "missing_file" in str(failed.value) and "malformed_row" in str(failed.value)
+    assert "rejected.jsonl" not in str(failed.value)  # not written when the stage stops here
+    assert "no audio file for id 'nowhere.wav'" in caplog.text

@@ -156,7 +156,7 @@ def test_finetune_plan_checkpoints_final(run_dirs):
     from jobs.finetune.__main__ import main
 
     artifacts, common = run_dirs
-    assert extract_main([*common, "--epochs", "3"]) == 0
+    assert extract_main([*common, "--epochs", "3", "--force"]) == 0  # earlier tests of this run extracted with other settings
     assert main(finetune_args(common, "--epochs", "3", "--context-seconds", "2", "--force")) == 0
     out = artifacts / "r" / "finetune"
     plan = json.loads((out / "plan.json").read_text())
@@ -189,6 +189,15 @@ def test_finetune_plan_checkpoints_final(run_dirs):
     assert not np.allclose(merged.state_dict()[q].numpy(), base.state_dict()[q].numpy())  # LoRA changed it
     frozen = "model.encoder.layers.0.fc1.weight"  # below --frozen-encoder-layers 1: untouched
     np.testing.assert_array_equal(merged.state_dict()[frozen].numpy(), base.state_dict()[frozen].numpy())
+    # the adapter in PEFT's format: the pretrained model + adapter/ has the merged weights of final/
+    from peft import PeftModel
+
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    with_adapter = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    np.testing.assert_allclose(with_adapter.state_dict()[q].numpy(), merged.state_dict()[q].numpy(), atol=1e-6)
+    summary = json.loads((out / MANIFEST).read_text())["summary"]
+    assert summary["final"]["adapter"] == "adapter" and summary["report_to"] == ["tensorboard"]
     # a second run with the same settings is skipped by its manifest
     mtime = (final / "model.safetensors").stat().st_mtime_ns
     assert main(finetune_args(common, "--epochs", "3", "--context-seconds", "2")) == 0
@@ -201,7 +210,7 @@ def test_packed_windows(run_dirs):
     from jobs.finetune.__main__ import main
 
     artifacts, common = run_dirs
-    assert extract_main([*common, "--epochs", "3"]) == 0
+    assert extract_main([*common, "--epochs", "3", "--force"]) == 0  # earlier tests of this run extracted with other settings
     out = artifacts / "r" / "finetune"
     assert main(finetune_args(common, "--epochs", "2", "--pack-clips", "3", "--force")) == 0
     plan = json.loads((out / "plan.json").read_text())
@@ -228,7 +237,7 @@ def test_resume_after_kill(run_dirs, capsys):
     from jobs.extract.__main__ import main as extract_main
 
     artifacts, common = run_dirs
-    assert extract_main([*common, "--epochs", "3"]) == 0
+    assert extract_main([*common, "--epochs", "3", "--force"]) == 0  # earlier tests of this run extracted with other settings
     common = ["--artifacts", str(artifacts), "--run-id", "r"]
     # a run with a checkpoint every 4 steps: killed as soon as the first checkpoint is complete
     argv = finetune_args(common, "--max-steps", "16", "--save-steps", "4", "--context-seconds", "2")

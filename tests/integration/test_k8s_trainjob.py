@@ -184,8 +184,8 @@ def test_missing_trainjob_crd_says_how_to_install_kubeflow_trainer(tmp_path, cap
 
 
 def test_standalone_trainjob_example_matches_the_executors(capsys, monkeypatch):
-    """k8s/finetune-trainjob.yaml is a valid TrainJob (and JobSet once expanded) with the executor's contract."""
-    manual = yaml.safe_load((ROOT / "k8s" / "finetune-trainjob.yaml").read_text())
+    """k8s/jobs/finetune-trainjob.yaml is a valid TrainJob (and JobSet once expanded) with the executor's contract."""
+    manual = yaml.safe_load((ROOT / "k8s" / "jobs" / "finetune-trainjob.yaml").read_text())
     assert errors(manual) == [] and errors(expand(manual, runtime("torch-distributed"))) == []
     Path("pipeline.yaml").write_text(PIPELINE.replace("run_id: big", "run_id: demo"))
     built = dry_run(capsys, monkeypatch, *NODES)

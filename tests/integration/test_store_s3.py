@@ -230,6 +230,7 @@ def test_run_stage_on_s3_writes_outputs_then_skips(s3_server, bucket, monkeypatc
 
 
 def test_redo_on_s3_removes_old_outputs(s3_server, bucket, monkeypatch):
+    monkeypatch.setenv("ASRFT_PIPELINE", "1")  # a step of `asr-ft run`: a changed setting redoes it
     assert run_stage("extract", stage_settings(monkeypatch, s3_server, bucket, n=3), {}, write_parts) == EXIT_OK
     s = stage_settings(monkeypatch, s3_server, bucket, n=1)
     assert run_stage("extract", s, {}, write_parts) == EXIT_OK
@@ -286,6 +287,7 @@ def test_adopted_upload_record_is_not_sent_again(s3_server, bucket, monkeypatch,
 
 
 def test_input_dir_downloads_upstream_outputs(s3_server, bucket, monkeypatch, tmp_path):
+    monkeypatch.setenv("ASRFT_PIPELINE", "1")  # each extract below runs with another setting, as in a pipeline
     s = stage_settings(monkeypatch, s3_server, bucket)
     content = {"v1": {"train.jsonl": "aaaa\n", "audio/u1.wav": "1111", "audio/old.wav": "x"},
                "v2": {"train.jsonl": "bbbb\n", "audio/u1.wav": "2222"}}  # same sizes, other content

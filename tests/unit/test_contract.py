@@ -92,5 +92,5 @@ def test_step_env_is_the_section_the_common_values_and_the_container_env(artifac
     assert contract.step_env("prepare", pipeline, common, artifacts) == {
         "ASRFT_PREPARE_TRAIN_CSV": "data/train.csv", "ASRFT_PREPARE_MIN_SECONDS": "0.5",
         "ASRFT_ARTIFACTS": artifacts, "ASRFT_CACHE": "/tmp/asr-ft-cache", "ASRFT_LOG_LEVEL": "INFO",
-        "ASRFT_RUN_ID": "exp1", "HOME": "/tmp", "PYTHONUNBUFFERED": "1",
+        "ASRFT_RUN_ID": "exp1", "HOME": "/tmp", "PYTHONUNBUFFERED": "1", "ASRFT_PIPELINE": "1",
     }

@@ -336,3 +336,38 @@ def test_check_text_rate(text, seconds, rejected):
 def test_check_text_rate_bound_is_a_setting():
     assert check_text_rate("你好" * 5, 1.0, max_per_second=4) is not None
     assert check_text_rate("你好" * 5, 1.0, max_per_second=5) is None
+
+
+# ------------------------------------------------------------------------------------------- other encodings
+
+
+@pytest.mark.parametrize(("text", "encoding"), [
+    ("audio_id,text\nutt1,这是一个篇章\nutt2,今天天气很好\n", "gbk"),
+    ("audio_id,text\nutt1,这是一个篇章\nutt2,今天天气很好\n", "gb18030"),
+    ("audio_id,text\nutt1,這是一個篇章\nutt2,今天天氣很好\nutt3,我們一起學習中文\n", "big5"),
+])
+def test_a_file_in_another_encoding_is_read_in_it(text, encoding, caplog):
+    table = read(text.encode(encoding))
+    assert [(r.id, r.text) for r in table.rows] == [tuple(line.split(",")) for line in text.splitlines()[1:]]
+    assert not table.rejected
+    assert "is not UTF-8; reading it as" in caplog.text  # said on the console
+
+
+def test_encoding_flag_wins_and_a_wrong_one_is_refused():
+    data = "audio_id,text\nutt1,你好\n".encode("gbk")
+    assert [r.text for r in read(data, encoding="gbk").rows] == ["你好"]
+    with pytest.raises(DatasetError, match="line 2 is not utf-8"):
+        read(data, encoding="utf-8")
+    with pytest.raises(DatasetError, match="not an encoding"):
+        read(data, encoding="klingon")
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "|", "\t"])
+def test_delimiter_is_sniffed(delimiter):
+    table = read(f"audio_id{delimiter}text\nutt1{delimiter}你好，世界\nutt2{delimiter}再见\n")
+    assert [(r.id, r.text) for r in table.rows] == [("utt1", "你好，世界"), ("utt2", "再见")]
+
+
+def test_a_header_decides_the_delimiter_over_the_transcripts():
+    table = read("audio_id,text\nutt1,一;二;三;四\nutt2,五;六;七;八\n")  # semicolons in every transcript
+    assert [r.text for r in table.rows] == ["一;二;三;四", "五;六;七;八"]

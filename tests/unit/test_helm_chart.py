@@ -315,7 +315,7 @@ def test_s3_keys_in_values_become_a_secret_and_nothing_else(chart):
 
 def _k8s_manifests() -> dict[str, dict[str, Any]]:
     objects = {}
-    for path in sorted((REPO / "k8s").glob("*.yaml")):
+    for path in sorted((REPO / "k8s").glob("**/*.yaml")):
         for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
             if doc:
                 objects[f"{doc['kind']}/{doc['metadata']['name']}"] = doc

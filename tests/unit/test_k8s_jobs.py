@@ -406,22 +406,43 @@ def test_demo_data_has_no_manifest_so_it_is_never_done_by_itself(tmp_path):
 # ------------------------------------------------------------------------------------------------ k8s/
 
 
-def manifests() -> list[tuple[str, int, dict]]:
+def manifests(pattern: str = "**/*.yaml") -> list[tuple[str, int, dict]]:
     """Every built-in kind of k8s/ (the TrainJob is checked against its CRD: tests/integration/test_k8s_trainjob.py)."""
     out = []
-    for path in sorted(K8S_DIR.glob("*.yaml")):
+    for path in sorted(K8S_DIR.glob(pattern)):
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc and doc["kind"] != "TrainJob":
-                out.append((path.name, i, doc))
+                out.append((path.relative_to(K8S_DIR).as_posix(), i, doc))
     return out
 
 
 def test_k8s_folder_has_the_documented_files():
-    names = {p.name for p in K8S_DIR.glob("*.yaml")}
-    assert names == {"pvc.yaml", "rbac.yaml", "configmap.yaml", "secret.example.yaml", "pipeline-job.yaml",
-                     "finetune-job.yaml", "finetune-trainjob.yaml"}
-    for path in K8S_DIR.glob("*.yaml"):
+    names = {p.relative_to(K8S_DIR).as_posix() for p in K8S_DIR.glob("**/*.yaml")}
+    assert names == {"pvc.yaml", "rbac.yaml", "configmap.yaml", "jobs/pipeline-job.yaml", "jobs/finetune-job.yaml", "jobs/finetune-trainjob.yaml",
+                     "examples/secret.example.yaml", "examples/data-pod.yaml"}
+    readme = (K8S_DIR / "README.md").read_text()
+    for path in K8S_DIR.glob("**/*.yaml"):
         assert path.read_text().startswith("# "), f"{path.name}: starts with a comment saying how to use it"
+        assert f"`{path.relative_to(K8S_DIR).as_posix()}`" in readme  # each file is in the README's table
+
+
+def test_apply_of_the_folder_is_safe_together():
+    """`kubectl apply -f k8s/` (not recursive) applies the top-level files only: no Job, Pod or Secret, so it
+    starts nothing and holds no credentials; what starts work or must be filled in sits in a subfolder."""
+    top = {d["kind"] for _, _, d in manifests("*.yaml")}
+    assert top == {"PersistentVolumeClaim", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"}
+    assert {d["kind"] for _, _, d in manifests("jobs/*.yaml")} == {"Job"}
+    assert {d["kind"] for _, _, d in manifests("examples/*.yaml")} == {"Secret", "Pod"}
+    assert "kubectl -n asr-ft apply -f k8s/ " in (K8S_DIR / "README.md").read_text()
+
+
+def test_data_pod_mounts_the_artifacts_volume_as_the_steps_user():
+    pod = by_kind()[("Pod", "asr-ft-data")]["spec"]
+    (c,) = pod["containers"]
+    assert pod["securityContext"] == POD_SECURITY and c["securityContext"] == CONTAINER_SECURITY
+    claim = {v["name"]: v for v in pod["volumes"]}["artifacts"]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in by_kind()
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/artifacts", "/tmp"}
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -481,7 +502,7 @@ def test_dry_run_of_the_configmap_pipeline_validates(monkeypatch, capsys):
 
 
 def test_standalone_finetune_job_matches_the_executors(tmp_path):
-    """k8s/finetune-job.yaml keeps the executor's contract: same security, command, volumes, GPU request."""
+    """k8s/jobs/finetune-job.yaml keeps the executor's contract: same security, command, volumes, GPU request."""
     manual = by_kind()[("Job", "asr-ft-finetune")]
     pipeline, common, k8s = demo()
     built = build_job("finetune", pipeline, common, k8s, finetune_resources(pipeline, common, k8s, run_store(tmp_path)))

@@ -65,6 +65,6 @@ def test_cli_lists_every_command_in_registry_order(capsys):
 
     assert main(["--help"]) == 0
     listed = re.findall(r"^  (\S+)  ", capsys.readouterr().out, flags=re.M)
-    assert listed == [s.name for s in STAGES]
+    assert listed == [s.name for s in STAGES] + ["status"]  # then the tools
     assert main(["extrct"]) == 2
     assert "unknown command 'extrct'" in capsys.readouterr().err

@@ -298,3 +298,42 @@ def test_secret_never_in_logs_or_manifest(tmp_path, monkeypatch, caplog):
     assert "finetune settings:" in caplog.text
     for text in (manifest, caplog.text):
         assert SECRET not in text and HF_SECRET not in text and "AKIDEXAMPLE" not in text
+
+
+# ------------------------------------------------------------------------------------------------ report_to
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, ["tensorboard"]), ("tensorboard", ["tensorboard"]), ("none", ["none"]), (["tensorboard"], ["tensorboard"]),
+])
+def test_report_to_accepts_the_installed_trackers(value, expected):
+    from jobs.finetune import FinetuneSettings
+
+    kwargs = {} if value is None else {"report_to": value}
+    assert FinetuneSettings(**kwargs).report_to == expected
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("tensorboard,none", "'none' cannot be combined"),
+    ("comet", "report_to"),  # not one of the trackers offered
+])
+def test_report_to_rejects_what_cannot_work(value, message):
+    from pydantic import ValidationError
+
+    from jobs.finetune import FinetuneSettings
+
+    with pytest.raises(ValidationError, match=message):
+        FinetuneSettings(report_to=value)
+
+
+def test_report_to_a_tracker_that_is_not_installed_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from pydantic import ValidationError
+
+    from jobs.finetune import FinetuneSettings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ValidationError, match="pip install mlflow"):
+        FinetuneSettings(report_to=["tensorboard", "mlflow"])

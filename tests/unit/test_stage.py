@@ -116,7 +116,8 @@ def test_skip_when_fingerprint_matches(tmp_path, caplog):
     ],
     ids=["same", "force", "setting", "input", "log-level"],
 )
-def test_redo_rules(tmp_path, second_settings, second_inputs, redo):
+def test_redo_rules(tmp_path, monkeypatch, second_settings, second_inputs, redo):
+    monkeypatch.setenv("ASRFT_PIPELINE", "1")  # as a step of `asr-ft run` (alone, a changed setting is refused)
     body = Body()
     assert run_stage("extract", settings(tmp_path, n=2), {"prepare": "abc"}, body) == EXIT_OK
     fp1 = json.loads(manifest_path(tmp_path).read_text())["fingerprint"]
@@ -131,7 +132,8 @@ def test_redo_rules(tmp_path, second_settings, second_inputs, redo):
     assert (m["fingerprint"] != fp1) is (redo and second_settings.get("force") is None)
 
 
-def test_outdated_manifest_removed_before_redo(tmp_path):
+def test_outdated_manifest_removed_before_redo(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASRFT_PIPELINE", "1")
     assert run_stage("extract", settings(tmp_path, n=3), {}, Body()) == EXIT_OK
 
     def body(ctx):
@@ -250,3 +252,16 @@ def test_setup_logging_keeps_other_handlers():
         assert keep in root.handlers and len(ours) == 1 and root.level == logging.DEBUG
     finally:
         root.removeHandler(keep)
+
+
+def test_alone_a_changed_setting_is_refused_and_force_redoes(tmp_path, caplog):
+    body = Body()
+    assert run_stage("extract", settings(tmp_path, n=2), {"prepare": "abc"}, body) == EXIT_OK
+    before = manifest_path(tmp_path).read_bytes()
+    assert run_stage("extract", settings(tmp_path, n=1), {"prepare": "abc"}, body) == EXIT_BAD_INPUT
+    assert "other settings (n: 2 → 1)" in caplog.text and "--force" in caplog.text
+    assert body.calls == 1 and manifest_path(tmp_path).read_bytes() == before
+    assert run_stage("extract", settings(tmp_path, n=2), {"prepare": "CHANGED"}, body) == EXIT_OK  # new inputs
+    assert body.calls == 2
+    assert run_stage("extract", settings(tmp_path, n=1, force="true"), {"prepare": "CHANGED"}, body) == EXIT_OK
+    assert body.calls == 3
