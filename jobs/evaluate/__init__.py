@@ -101,6 +101,24 @@ class SetSpec(BaseModel):
     audio_dir: str | None = Field(None, description="folder with the CSV's audio files")
     dir: str | None = Field(None, description=f"folder holding {DIR_CSV} (audio id + text) and {DIR_AUDIO}/")
     optional: bool = Field(False, description="skip the set with a warning when its files or variables are missing")
+    include_ids: str | None = Field(None, description="keep only the utterances whose id matches this regular "
+                                    "expression (re.search), e.g. a documented split of a dev set")
+    exclude_ids: str | None = Field(None, description="drop the utterances whose id matches this regular expression")
+
+    @field_validator("include_ids", "exclude_ids")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"{value!r} is not a regular expression ({e})") from None
+        return value
+
+    def selects(self, utterance_id: str) -> bool:
+        """Whether include_ids / exclude_ids keep this utterance."""
+        return ((self.include_ids is None or re.search(self.include_ids, utterance_id) is not None)
+                and (self.exclude_ids is None or re.search(self.exclude_ids, utterance_id) is None))
 
     @model_validator(mode="after")
     def _one_source(self) -> SetSpec:
@@ -393,6 +411,8 @@ def _jsonl_set(entry: SetEntry) -> LoadedSet:
     run_dir = entry.path.parent.parent
     utterances, rejected = [], []
     for n, rec in enumerate(iter_jsonl(entry.path), 1):
+        if not entry.spec.selects(str(rec.get("id"))):
+            continue
         bad = {"set": entry.spec.name, "file": str(entry.path), "line": n, "id": rec.get("id")}
         try:
             where = audio_location(rec, run_dir)
@@ -419,6 +439,7 @@ def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
         scan = scan_csvs([("test", str(entry.path), str(entry.audio_dir))], s3)
     except DatasetError as e:
         raise StageFailed(f"set {entry.spec.name!r}: {e}", exit_code=2) from None
+    scan.jobs = [job for job in scan.jobs if entry.spec.selects(str(job.utt_id))]
     limits = ClipLimits()
     out_audio = work / entry.spec.name
     out_audio.mkdir(parents=True, exist_ok=True)
