@@ -587,7 +587,8 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
     write_jsonl(ctx.out / "predictions.jsonl", ({k: r.get(k) for k in PREDICTION_KEYS} for r in scored))
     write_jsonl(ctx.out / "rejected.jsonl", rejected)
     atomic_write_bytes(ctx.out / "run_info.json", (json.dumps(info, ensure_ascii=False, indent=2) + "\n").encode())
-    write_report(ctx.out, metrics, scored, settings.title, report_extra(info, rejected))
+    write_report(ctx.out, metrics, scored, settings.title, report_extra(info, rejected),
+                 guard=run_guard_result(ctx.store, settings))
     summary = {m: {s: {"cer": v["cer"], "n": v["n"]} for s, v in sets_.items()} for m, sets_ in metrics.items()}
     for model, sets_ in summary.items():
         for set_name, v in sets_.items():
@@ -595,6 +596,19 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
                      "—" if v["cer"] is None else f"{100 * v['cer']:.1f}%", v["n"])
     return {"metrics": summary, "rejected": len(rejected), "family": info["family"], "backend": info.get("backend"),
             "device": info["device"]}
+
+
+def run_guard_result(store: Store, settings: EvaluateSettings) -> dict[str, Any] | None:
+    """The forgetting guard's choice (finetune's guard.json) when this run's models are the run's own."""
+    if settings.model:
+        return None
+    key = store.join(settings.run_id, "finetune", "guard.json")
+    try:
+        return store.read_json(key) if store.exists(key) else None
+    except (OSError, ValueError) as e:
+        log.warning("evaluate: cannot read the forgetting guard's result %s (%s); the report goes without it",
+                    store.uri_for(key), e)
+        return None
 
 
 def report_extra(info: dict[str, Any], rejected: list[dict[str, Any]]) -> dict[str, Any]:

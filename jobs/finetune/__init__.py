@@ -51,6 +51,12 @@ STAGE = "finetune"
 FINAL = "final"
 
 
+class GuardSpec(SetSpec):
+    """The guard set: any test set (evaluate's forms), named "guard" unless named."""
+
+    name: str = Field("guard", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="set name in reports")
+
+
 class FinetuneSettings(StageSettings):
     model_config = SettingsConfigDict(env_prefix="ASRFT_FINETUNE_")
 
@@ -126,12 +132,12 @@ class FinetuneSettings(StageSettings):
         None, ge=0, le=1, description="whisper: merge factor of the decoder's weights [default: merge_alpha]; the decoder "
         "holds the language model (lower: less drift toward the training sentences)", examples=[0.5],
     )
-    guard: SetSpec | None = Field(
+    guard: GuardSpec | None = Field(
         None, description="general-domain speech the model must not get worse on (the forgetting guard): after "
         "training, the family's candidates (whisper: WiSE-FT merges) are scored on it and on clips of the training "
         "data held aside (choice_holdout), and final/ is the best on the domain whose guard CER is within "
         "guard_tolerance of the pretrained model's (YAML: {name, csv + audio_dir | dir, optional, include_ids}; "
-        "flag/env: NAME=dir:FOLDER or NAME=FILE.csv,AUDIO_DIR)",
+        "flags: --guard-dir FOLDER, or --guard-csv FILE --guard-audio-dir DIR)",
         examples=["general=dir:data/general-zh", "general=data/general.csv,data/general_audio"],
     )
     guard_tolerance: float = Field(
@@ -170,7 +176,9 @@ class FinetuneSettings(StageSettings):
     @classmethod
     def _candidate_list(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split() if v]
+            value = [value]
+        if value is not None:  # "1/1 0.8/0.5" or "1/1,0.8/0.5" in one flag, or a list
+            value = [v for item in value for v in str(item).replace(",", " ").split()]
         for v in value or []:
             enc, sep, dec = str(v).partition("/")
             try:
