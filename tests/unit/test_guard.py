@@ -95,3 +95,24 @@ def test_choice_holdout_size(guard, forced, clips, expected):
 def test_choice_holdout_larger_than_the_data_is_refused():
     with pytest.raises(StageFailed, match="hold aside fewer"):
         choice_holdout_size(SimpleNamespace(guard="g", choice_holdout=10), 10)
+
+
+def test_demo_guard_split_is_speaker_disjoint_from_the_check_split(real_zh_dev2):
+    """jobs/run/demo.yaml's guard split of real-zh-dev2: 30 clips of 11 speakers (BZNSYP, 8 AISHELL-3, 2 MOSS);
+    the other 150 (AISHELL-1 S0150, 8 other AISHELL-3 speakers, 2 SoulX) are the check split no choice sees."""
+    import csv
+    import re
+
+    from common.executors.pipeline import demo_config_path, load_pipeline
+
+    pattern = load_pipeline(demo_config_path())["finetune"]["guard"]["include_ids"]
+    with (real_zh_dev2 / "transcripts.csv").open(encoding="utf-8") as f:
+        ids = [row["audio_id"] for row in csv.DictReader(f)]
+    guard = [i for i in ids if re.search(pattern, i)]
+    check = [i for i in ids if not re.search(pattern, i)]
+    assert (len(guard), len(check)) == (30, 150)
+
+    def speaker(i: str) -> str:
+        return i[:7] if i.startswith("SSB") else i.split("_")[0] if not i.startswith("BAC009") else i[:11]
+
+    assert not {speaker(i) for i in guard} & {speaker(i) for i in check}
