@@ -41,9 +41,9 @@ from common.core.records import read_jsonl
 from common.core.settings import StageSettings
 from common.core.stage import StageContext, StageFailed, upstream_fingerprint
 from common.core.store import Store, atomic_write_bytes
-from jobs.evaluate import SetSpec
 from common.families import Candidate, ModelFamily, family_of_pretrained
 from common.training.planner import Plan
+from jobs.evaluate import SetSpec
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,7 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
     from transformers import set_seed
 
     from common.training.launch import is_rank_zero, worker_rank
+    from jobs.finetune.guard import held_aside
     from jobs.finetune.loops import (
         FINAL_FROM_ZERO,
         fast_path_decision,
@@ -285,7 +286,6 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
         train_with_fast_path,
         train_with_trainer,
     )
-    from jobs.finetune.guard import held_aside
     from jobs.finetune.resume import checkpoint_to_resume, run_signature
 
     s: FinetuneSettings = ctx.settings  # type: ignore[assignment]

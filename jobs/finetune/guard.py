@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -230,12 +231,14 @@ def score_models(family: Any, models: Sequence[tuple[str, Path]], domain: Sequen
     out: dict[str, Any] = {}
     for name, folder in models:
         t0 = time.perf_counter()
-        engine, _ = family.open_engine(folder, request)
+        engine, used = family.open_engine(folder, request)
         result: dict[str, Any] = {}
         for set_name, utts in ((DOMAIN, domain), (GUARD, guard)):
             errors, chars, rows = _errors(engine, utts, batch) if utts else ([], [], [])
             result[set_name] = {"errors": errors, "chars": chars, "rows": rows}
         del engine
+        if name != PRETRAINED and used.get("conversion") and Path(used.get("folder", "")).is_dir():
+            shutil.rmtree(used["folder"], ignore_errors=True)  # a temporary candidate's cached conversion
         result["seconds"] = round(time.perf_counter() - t0, 1)
         log.info("guard: scored %s in %.1f s", name, result["seconds"])
         out[name] = result
@@ -251,8 +254,6 @@ def run_guard(family: Any, candidates: Sequence[Candidate], pretrained_dir: Path
               guard: Sequence[Any], settings: Any, device: str, final_dir: Path) -> tuple[Choice, dict[str, Any]]:
     """Write every candidate to a temporary folder, score it and the pretrained model on both sets, choose,
     and write the chosen one to ``final_dir``. Returns (choice, guard.json content)."""
-    import shutil
-
     from common.core.files import atomic_dir
 
     t0 = time.perf_counter()
