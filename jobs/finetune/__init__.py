@@ -18,7 +18,9 @@ Reads top to bottom (each step logged):
    and trains. The stage's own decisions (training window, feature source, encoder cache, loop, processes)
    join the planner's in plan.json's decision log.
 3. final/ (rank 0): the family's model folder (whisper: LoRA merged, per-part WiSE-FT) from the trained module,
-   or after a DeepSpeed run from the fp32 master weights of the last ZeRO checkpoint; ``trainer_state.json``
+   or after a DeepSpeed run from the fp32 master weights of the last ZeRO checkpoint; with a guard set, the
+   candidate the forgetting guard chooses (jobs/finetune/guard.py: scored on the guard set and on training
+   clips held aside before training, never on the test set; guard.json); ``trainer_state.json``
    (loss history) beside it. This process writes the manifest; a failed rank fails the stage with that rank's
    error and traceback.
 """
