@@ -35,6 +35,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 S3_TEST_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
 S3_SERVER_START_TIMEOUT = 30.0  # seconds; moto_server starts in ~1-2 s on an idle machine
 REAL_ZH_DEV_ENV = "ASRFT_REAL_ZH_DEV"  # the variable jobs/run/demo.yaml reads the real Mandarin dev set from
+REAL_ZH_DEV2_ENV = "ASRFT_REAL_ZH_DEV2"  # general speech for the demo's forgetting guard (its guard split)
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +48,19 @@ def real_zh_dev() -> Path:
     root = Path(value).expanduser()
     if not ((root / "transcripts.csv").is_file() and (root / "audio").is_dir()):
         pytest.fail(f"{REAL_ZH_DEV_ENV}={value}: expected a folder holding transcripts.csv (audio_id,text) and audio/")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_zh_dev2() -> Path:
+    """The second real Mandarin dev set (the demo's guard split comes from it), from $ASRFT_REAL_ZH_DEV2."""
+    value = os.environ.get(REAL_ZH_DEV2_ENV)
+    if not value:
+        pytest.skip(f"needs real Mandarin speech: set {REAL_ZH_DEV2_ENV} to a folder holding transcripts.csv "
+                    "(audio_id,text) and audio/")
+    root = Path(value).expanduser()
+    if not ((root / "transcripts.csv").is_file() and (root / "audio").is_dir()):
+        pytest.fail(f"{REAL_ZH_DEV2_ENV}={value}: expected a folder holding transcripts.csv (audio_id,text) and audio/")
     return root
 
 

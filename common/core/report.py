@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 
+from common.core.bootstrap import METHOD, compare
 from common.core.metrics import with_errors
 from common.core.store import atomic_write_bytes
 
@@ -84,6 +85,8 @@ def write_report(
     extra: Mapping[str, Any] | None = None,
     *,
     worst_n: int = WORST_N,
+    roles: Mapping[str, str] | None = None,
+    guard: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``report.md`` and ``report.html`` into ``out_dir`` (each atomically).
 
@@ -92,6 +95,11 @@ def write_report(
     raw rows that are scored here). ``extra`` adds sections after the results: ``{heading:
     value}`` where value is a string (a paragraph), a mapping (a key/value table) or a list of
     mappings (a table). Returns ``{"metrics.json": path, "report.md": path, "report.html": path}``.
+
+    Every model after the first gets, per set, ``vs_baseline`` in metrics.json: the CER difference with its
+    paired-bootstrap 95 % interval and verdict (common.core.bootstrap). ``roles`` ({set: "domain" | "general"};
+    default: the first set is the domain, the others general speech) and ``guard`` (finetune's guard.json)
+    make the report's opening answers: better on the domain? worse on general speech?
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,10 +107,15 @@ def write_report(
     extra = dict(extra or {})
     figures = render_figures(metrics, rows)
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    comparisons = _comparisons(metrics, rows)
+    answers = _answers(comparisons, _sets(metrics), roles, guard)
+    if guard:
+        extra[GUARD_HEADING] = _guard_table(guard)
     docs = {
-        "metrics.json": json.dumps(metrics, ensure_ascii=False, indent=2, allow_nan=False) + "\n",
-        "report.md": _markdown(title, generated, metrics, rows, extra, worst_n),
-        "report.html": _html(title, generated, metrics, rows, extra, figures, worst_n),
+        "metrics.json": json.dumps(_with_intervals(metrics, comparisons), ensure_ascii=False, indent=2,
+                                   allow_nan=False) + "\n",
+        "report.md": _markdown(title, generated, metrics, rows, extra, worst_n, answers),
+        "report.html": _html(title, generated, metrics, rows, extra, figures, worst_n, answers),
     }
     paths = {}
     for name, text in docs.items():
@@ -175,6 +188,7 @@ def _comparisons(
                 continue
             pairs = [p for p in _paired_cers(rows, baseline, model) if p[0] == name]
             better, same, worse = _win_counts(pairs)
+            interval = compare(rows, baseline, model, name)
             delta = m["cer"] - b["cer"] if m["cer"] is not None and b["cer"] is not None else None
             relative = delta / b["cer"] if delta is not None and b["cer"] else None
             out.append(
@@ -189,9 +203,102 @@ def _comparisons(
                     "better": better,
                     "same": same,
                     "worse": worse,
+                    "interval": interval,
                 }
             )
     return out
+
+
+def _with_intervals(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                    comparisons: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """metrics with ``vs_baseline`` (Δ CER, 95 % interval, verdict) added to every compared model and set."""
+    out = {model: {name: dict(m) for name, m in sets.items()} for model, sets in metrics.items()}
+    for c in comparisons:
+        ci = c["interval"]
+        out[c["model"]][c["set"]]["vs_baseline"] = {
+            "baseline": c["baseline"], "delta_cer": c["delta"],
+            **({"ci95_low": ci.low, "ci95_high": ci.high, "verdict": ci.verdict, "utterances": ci.n,
+                "method": METHOD} if ci else {"verdict": None}),
+        }
+    return out
+
+
+def _ci_text(c: Mapping[str, Any]) -> tuple[str, str]:
+    """('[-15.10, -9.80] pp', 'better') for a comparison, dashes without an interval."""
+    ci = c.get("interval")
+    if ci is None:
+        return "—", "—"
+    return f"[{100 * ci.low:+.2f}, {100 * ci.high:+.2f}] pp", ci.verdict
+
+
+GUARD_HEADING = "Forgetting guard: how final/ was chosen · 遗忘防护: 最终模型如何选出"
+DOMAIN, GENERAL = "domain", "general"
+
+
+def _answers(comparisons: Sequence[Mapping[str, Any]], sets: Sequence[str], roles: Mapping[str, str] | None,
+             guard: Mapping[str, Any] | None) -> list[str]:
+    """The report's opening lines: better on the domain? worse on general speech? (with the intervals)."""
+    if not comparisons:
+        return []
+    roles = dict(roles or {})
+    for i, name in enumerate(sets):
+        roles.setdefault(name, DOMAIN if i == 0 else GENERAL)
+    lines = []
+
+    def said(c: Mapping[str, Any]) -> str:
+        ci = c.get("interval")
+        span = f" (95 % CI {100 * ci.low:+.2f} … {100 * ci.high:+.2f} pp, {ci.n} utterances)" if ci else ""
+        delta = "—" if c["delta"] is None else f"{100 * c['delta']:+.2f} pp"
+        return f"{c['model']} on {c['set']}: CER {_fmt(c['base_cer'], 'pct')} → {_fmt(c['cer'], 'pct')}, {delta}{span}"
+
+    for c in comparisons:
+        verdict = c["interval"].verdict if c.get("interval") else None
+        if roles.get(c["set"]) == DOMAIN:
+            answer = {"better": "Yes", "worse": "No, worse", None: "Cannot tell"}.get(verdict, "No significant difference")
+            zh = {"better": "是", "worse": "否, 更差", None: "无法判断"}.get(verdict, "无显著差异")
+            lines.append(f"Better on your domain? · 在你的领域上更好吗? **{answer} · {zh}** — {said(c)}, "
+                         f"{verdict or 'no interval'}.")
+        else:
+            answer = {"worse": "Yes", "better": "No, better", None: "Cannot tell"}.get(verdict, "No significant change")
+            zh = {"worse": "是", "better": "否, 更好", None: "无法判断"}.get(verdict, "无显著变化")
+            lines.append(f"Worse on general speech? · 在通用语音上变差了吗? **{answer} · {zh}** — {said(c)}, "
+                         f"{verdict or 'no interval'}.")
+    if guard:
+        lines.append(_guard_answer(guard))
+    return lines
+
+
+def _guard_answer(guard: Mapping[str, Any]) -> str:
+    chosen = guard.get("chosen")
+    verdicts = {c["name"]: c for c in guard.get("candidates", [])}
+    c = verdicts.get(chosen)
+    if c is None or not c.get("guard_delta"):
+        return (f"Forgetting guard · 遗忘防护: final/ = {chosen}. {guard.get('reason', '')}")
+    g = c["guard_delta"]
+    met = ("within" if guard.get("met_tolerance") else "NOT within")
+    return (f"Forgetting guard · 遗忘防护 (guard set {guard.get('guard_set')}, {g['n']} utterances; it chose the model, "
+            f"so this is a development number): final/ = {chosen}, guard CER "
+            f"{_fmt(guard['pretrained']['guard_cer'], 'pct')} → {_fmt(c['guard_cer'], 'pct')}, "
+            f"{100 * g['delta']:+.2f} pp (95 % CI {100 * g['low']:+.2f} … {100 * g['high']:+.2f} pp, {g['verdict']}), "
+            f"{met} the tolerance of {guard.get('tolerance_points'):g} point(s).")
+
+
+def _guard_table(guard: Mapping[str, Any]) -> list[dict[str, Any]]:
+    pre = guard.get("pretrained", {})
+    rows = [{"candidate": "pretrained", "domain-slice CER": _fmt(pre.get("domain_cer"), "pct"),
+             "guard CER": _fmt(pre.get("guard_cer"), "pct"), "guard Δ [95 % CI]": "—", "passes": "—",
+             "chosen": "yes" if guard.get("chosen") == "pretrained" else ""}]
+    for c in guard.get("candidates", []):
+        g = c.get("guard_delta")
+        rows.append({
+            "candidate": c["name"], "domain-slice CER": _fmt(c.get("domain_cer"), "pct"),
+            "guard CER": _fmt(c.get("guard_cer"), "pct"),
+            "guard Δ [95 % CI]": (f"{100 * g['delta']:+.2f} pp [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}] "
+                                  f"{g['verdict']}") if g else "—",
+            "passes": "yes" if c.get("passes") else "no", "chosen": "yes" if guard.get("chosen") == c["name"] else ""})
+    rows.append({"candidate": "→ choice", "domain-slice CER": "", "guard CER": "", "guard Δ [95 % CI]": "",
+                 "passes": "", "chosen": guard.get("reason", "")})
+    return rows
 
 
 def _worst(rows: Sequence[Mapping[str, Any]], model: str, n: int) -> list[Mapping[str, Any]]:
@@ -637,6 +744,8 @@ COMPARISON_HEADER_MD = (
     "Change 变化",
     "Rel. 相对",
     "Better/same/worse",
+    "95% CI",
+    "Verdict 结论",
 )
 METRICS_HEADER = ("Model · 模型", "Set · 测试集", *(h for _, h, _ in COLUMNS), "S/D/I chars · 替换/删除/插入")
 COMPARISON_HEADER = (
@@ -647,6 +756,8 @@ COMPARISON_HEADER = (
     "Change · 变化",
     "Relative · 相对",
     "Better/same/worse · 更好/相同/更差",
+    "95 % interval of the change · 变化的95%置信区间",
+    "Verdict · 结论",
 )
 
 
@@ -660,6 +771,7 @@ def _comparison_rows(comparisons: Sequence[Mapping[str, Any]]) -> list[list[str]
             "—" if c["delta"] is None else f"{100 * c['delta']:+.2f} pp",
             "—" if c["relative"] is None else f"{100 * c['relative']:+.1f}%",
             f"{c['better']}/{c['same']}/{c['worse']}",
+            *_ci_text(c),
         ]
         for c in comparisons
     ]
@@ -699,11 +811,13 @@ def _table_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(keys)
 
 
-def _markdown(title, generated, metrics, rows, extra, worst_n) -> str:
+def _markdown(title, generated, metrics, rows, extra, worst_n, answers=()) -> str:
     right = _pick((False, False, *([True] * len(COLUMNS)), True), metrics)
     parts = [f"# {title}", "", f"Generated {generated}. Plots are in report.html.", ""]
     if _small_sample_warning(metrics):
         parts += [f"> **Warning:** {_small_sample_warning(metrics)}", ""]
+    if answers:
+        parts += ["## Answers · 结论", "", *(f"- {a}" for a in answers), "", CI_NOTE, ""]
     comparisons = _comparisons(metrics, rows)
     if comparisons:
         parts += [
@@ -712,10 +826,11 @@ def _markdown(title, generated, metrics, rows, extra, worst_n) -> str:
             _md_table(
                 COMPARISON_HEADER_MD,
                 _comparison_rows(comparisons),
-                (False, False, True, True, True, True, True),
+                (False, False, True, True, True, True, True, True, False),
             ),
             "",
-            "Change in percentage points (pp); negative is better. Better/same/worse count utterances.",
+            "Change in percentage points (pp); negative is better. Better/same/worse count utterances. "
+            + CI_NOTE,
             "",
         ]
     parts += ["## Metrics · 指标", "", _md_table(_pick(METRICS_HEADER_MD, metrics), _metrics_rows(metrics), right), ""]
@@ -737,6 +852,12 @@ def _markdown(title, generated, metrics, rows, extra, worst_n) -> str:
     parts += ["## Definitions · 说明", "", *DEFINITIONS_MD, ""]
     return "\n".join(parts)
 
+
+CI_NOTE = (
+    "Intervals: 95 % paired bootstrap over utterances (the same utterances resampled for both models, corpus "
+    "CER recomputed 10,000 times); 'better'/'worse' when the whole interval is below/above zero, else 'no "
+    "significant difference'. 置信区间: 对语句做配对自助重采样(bootstrap)得到的95%区间; 整个区间小于/大于0才判定为更好/更差。"
+)
 
 DEFINITIONS_MD = (
     "- Texts are normalized before scoring as the Text normalization section says (by default: NFKC "
@@ -892,10 +1013,13 @@ def _delta_cell(c: Mapping[str, Any]) -> str:
     return f'<span class="{css}">{100 * c["delta"]:+.2f} pp</span>'
 
 
-def _html(title, generated, metrics, rows, extra, figures, worst_n) -> str:
+def _html(title, generated, metrics, rows, extra, figures, worst_n, answers=()) -> str:
     body = [f"<h1>{_e(title)}</h1>", f'<p class="meta">Generated {_e(generated)}</p>']
     if _small_sample_warning(metrics):
         body.append(f'<p class="warning" id="small-sample">{_e(_small_sample_warning(metrics))}</p>')
+    if answers:
+        items = "".join("<li>" + re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", _e(a)) + "</li>" for a in answers)
+        body += ["<h2>Answers · 结论</h2>", f"<ul>{items}</ul>", f'<p class="note">{_e(CI_NOTE)}</p>']
     comparisons = _comparisons(metrics, rows)
     if comparisons:
         cells = _comparison_rows(comparisons)
@@ -904,9 +1028,10 @@ def _html(title, generated, metrics, rows, extra, figures, worst_n) -> str:
             row[4] = _delta_cell(c)
         body += [
             f"<h2>Comparison with the baseline · 与基线对比 ({_e(_models(metrics)[0])})</h2>",
-            _html_table(COMPARISON_HEADER, cells, ("", "", "num", "num", "num", "num", "num"), raw_html=True),
+            _html_table(COMPARISON_HEADER, cells, ("", "", "num", "num", "num", "num", "num", "num", ""),
+                        raw_html=True),
             '<p class="note">Change in percentage points (pp); negative is better. '
-            "Better/same/worse count utterances by their own CER.</p>",
+            f"Better/same/worse count utterances by their own CER. {_e(CI_NOTE)}</p>",
         ]
     body += [
         "<h2>Metrics · 指标</h2>",

@@ -28,6 +28,10 @@ What a stage calls (see :class:`ModelFamily` for the signatures):
 | export     | ``export`` (trained folder → inference folders, verified offline)                           |
 | evaluate   | ``open_engine`` (a model folder → an :class:`~common.core.transcribe.Engine`)               |
 
+Optional: ``candidates(trainee, model_dir, settings)`` → list of :class:`Candidate`, the models finetune's
+forgetting guard scores after training (trained furthest first; whisper: WiSE-FT merges per part). A family
+without it offers its final model alone.
+
 Optional: ``assumed_planning()`` → (config, data facts, note): the shape of the model a family is for, so the
 Kubernetes executor can size the training pod of a pipeline that names the family before the run has any
 output (kimi-audio: Kimi-Audio-7B).
@@ -104,6 +108,17 @@ class Built:
     regroup_each_epoch: bool = False  # the train dataset's set_epoch(n) must be called every epoch
     group_by_length: bool = False  # batch items of similar length (each item's "input_ids" gives its length)
     fast_path_blocker: str | None = None  # why the fast loop cannot train these datasets, if it cannot
+
+
+@dataclass
+class Candidate:
+    """A model the forgetting guard may keep (``candidates``): ``write(dest)`` saves a model folder that
+    ``open_engine`` loads and ``export`` takes, and returns what to record about it."""
+
+    name: str
+    description: str
+    write: Callable[[Path], dict[str, Any]]
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,24 @@ class SetSpec(BaseModel):
                                                     "manifest's folder]")
     dir: str | None = Field(None, description=f"folder holding {DIR_CSV} (audio id + text) and {DIR_AUDIO}/")
     optional: bool = Field(False, description="skip the set with a warning when its files or variables are missing")
+    include_ids: str | None = Field(None, description="keep only the utterances whose id matches this regular "
+                                    "expression (re.search), e.g. a documented split of a dev set")
+    exclude_ids: str | None = Field(None, description="drop the utterances whose id matches this regular expression")
+
+    @field_validator("include_ids", "exclude_ids")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"{value!r} is not a regular expression ({e})") from None
+        return value
+
+    def selects(self, utterance_id: str) -> bool:
+        """Whether include_ids / exclude_ids keep this utterance."""
+        return ((self.include_ids is None or re.search(self.include_ids, utterance_id) is not None)
+                and (self.exclude_ids is None or re.search(self.exclude_ids, utterance_id) is None))
 
     @model_validator(mode="after")
     def _one_source(self) -> SetSpec:
@@ -419,6 +437,8 @@ def _jsonl_set(entry: SetEntry) -> LoadedSet:
     run_dir = entry.path.parent.parent
     utterances, rejected = [], []
     for n, rec in enumerate(iter_jsonl(entry.path), 1):
+        if not entry.spec.selects(str(rec.get("id"))):
+            continue
         bad = {"set": entry.spec.name, "file": str(entry.path), "line": n, "id": rec.get("id")}
         try:
             where = audio_location(rec, run_dir)
@@ -446,6 +466,7 @@ def _csv_set(entry: SetEntry, work: Path, s3) -> LoadedSet:
         scan = scan_csvs([("test", str(entry.path), str(entry.audio_dir) if entry.audio_dir else None)], s3)
     except DatasetError as e:
         raise StageFailed(f"set {entry.spec.name!r}: {e}", exit_code=2) from None
+    scan.jobs = [job for job in scan.jobs if entry.spec.selects(str(job.utt_id))]
     limits = ClipLimits(max_seconds=MAX_RECORDING_SECONDS)  # longer than 30 s: decoded as VAD segments
     out_audio = work / entry.spec.name
     out_audio.mkdir(parents=True, exist_ok=True)
@@ -604,7 +625,8 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
     write_jsonl(ctx.out / "rejected.jsonl", rejected)
     atomic_write_bytes(ctx.out / "run_info.json", (json.dumps(info, ensure_ascii=False, indent=2) + "\n").encode())
     write_report(ctx.out, metrics, scored, settings.title,
-                 {**report_extra(info, rejected), **training_extra(ctx), **text_norm_extra(policy)})
+                 {**report_extra(info, rejected), **training_extra(ctx), **text_norm_extra(policy)},
+                 guard=run_guard_result(ctx.store, settings))
     summary = {m: {s: {"cer": v["cer"], "n": v["n"]} for s, v in sets_.items()} for m, sets_ in metrics.items()}
     for model, sets_ in summary.items():
         for set_name, v in sets_.items():
@@ -634,6 +656,17 @@ def training_extra(ctx: StageContext) -> dict[str, Any]:
         or "none (no clips held out: eval_holdout 0, or too few training clips)",
         "curves": f"report_to {summary.get('report_to') or ['tensorboard']} (TensorBoard: finetune/tensorboard/)",
     }}
+def run_guard_result(store: Store, settings: EvaluateSettings) -> dict[str, Any] | None:
+    """The forgetting guard's choice (finetune's guard.json) when this run's models are the run's own."""
+    if settings.model:
+        return None
+    key = store.join(settings.run_id, "finetune", "guard.json")
+    try:
+        return store.read_json(key) if store.exists(key) else None
+    except (OSError, ValueError) as e:
+        log.warning("evaluate: cannot read the forgetting guard's result %s (%s); the report goes without it",
+                    store.uri_for(key), e)
+        return None
 
 
 def report_extra(info: dict[str, Any], rejected: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,9 @@ Reads top to bottom (each step logged):
    and trains. The stage's own decisions (training window, feature source, encoder cache, loop, processes)
    join the planner's in plan.json's decision log.
 3. final/ (rank 0): the family's model folder (whisper: LoRA merged, per-part WiSE-FT) from the trained module,
-   or after a DeepSpeed run from the fp32 master weights of the last ZeRO checkpoint; ``trainer_state.json``
+   or after a DeepSpeed run from the fp32 master weights of the last ZeRO checkpoint; with a guard set, the
+   candidate the forgetting guard chooses (jobs/finetune/guard.py: scored on the guard set and on training
+   clips held aside before training, never on the test set; guard.json); ``trainer_state.json``
    (loss history) beside it. This process writes the manifest; a failed rank fails the stage with that rank's
    error and traceback.
 """
@@ -42,8 +44,9 @@ from common.core.records import read_jsonl
 from common.core.settings import StageSettings
 from common.core.stage import StageContext, StageFailed, upstream_fingerprint
 from common.core.store import Store, atomic_write_bytes
-from common.families import ModelFamily, family_of_pretrained
+from common.families import Candidate, ModelFamily, family_of_pretrained
 from common.training.planner import Plan
+from jobs.evaluate import SetSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ FINAL = "final"
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "swanlab": "swanlab"}
 ADAPTER = "adapter"  # LoRA runs: the trained adapter in PEFT's format, next to final/
+class GuardSpec(SetSpec):
+    """The guard set: any test set (evaluate's forms), named "guard" unless named."""
+
+    name: str = Field("guard", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="set name in reports")
 
 
 class FinetuneSettings(StageSettings):
@@ -130,6 +137,32 @@ class FinetuneSettings(StageSettings):
         None, ge=0, le=1, description="whisper: merge factor of the decoder's weights [default: merge_alpha]; the decoder "
         "holds the language model (lower: less drift toward the training sentences)", examples=[0.5],
     )
+    guard: GuardSpec | None = Field(
+        None, description="general-domain speech the model must not get worse on (the forgetting guard): after "
+        "training, the family's candidates (whisper: WiSE-FT merges) are scored on it and on clips of the training "
+        "data held aside (choice_holdout), and final/ is the best on the domain whose guard CER is within "
+        "guard_tolerance of the pretrained model's (YAML: {name, csv + audio_dir | dir, optional, include_ids}; "
+        "flags: --guard-dir FOLDER, or --guard-csv FILE --guard-audio-dir DIR)",
+        examples=["general=dir:data/general-zh", "general=data/general.csv,data/general_audio"],
+    )
+    guard_tolerance: float = Field(
+        1.0, ge=0, le=100, description="CER points the chosen model may lose on the guard set: a candidate passes "
+        "when the upper end of the 95 % paired-bootstrap interval of its guard CER minus the pretrained "
+        "model's is at most this", examples=[1.0, 0.5],
+    )
+    guard_fallback: Literal["closest", "pretrained"] = Field(
+        "closest", description="when no candidate meets the tolerance: closest = keep the candidate with the "
+        "least evidence of forgetting (and say so), pretrained = keep the pretrained weights",
+    )
+    choice_holdout: int | None = Field(
+        None, ge=0, description="training clips held aside (never trained on) to score the candidates on your "
+        "domain [default with a guard set: 10 % of the clips, 8..40; none under 40 clips or without a guard]",
+        examples=[30],
+    )
+    merge_candidates: list[str] | None = Field(
+        None, description="whisper: the WiSE-FT merges the guard scores, as ENCODER/DECODER shares of the "
+        "training's change kept [default: by what trained; see README]", examples=[["1/1", "1/0.5", "0.8/0.5"]],
+    )
     eval_holdout: int | None = Field(None, ge=0, description="training clips held out for eval loss [default: "
                                      "planner: 5 % when that is >= 16 clips, else none]")
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "swanlab", "none"]] = Field(
@@ -150,6 +183,28 @@ class FinetuneSettings(StageSettings):
     def _report_to_list(cls, value: Any) -> Any:
         if isinstance(value, str):  # "mlflow", "tensorboard,mlflow" or a JSON list
             value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",")]
+    @field_validator("guard", mode="before")
+    @classmethod
+    def _guard_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return SetSpec.parse(value) if value.strip() else None
+        return value
+
+    @field_validator("merge_candidates", mode="before")
+    @classmethod
+    def _candidate_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if value is not None:  # "1/1 0.8/0.5" or "1/1,0.8/0.5" in one flag, or a list
+            value = [v for item in value for v in str(item).replace(",", " ").split()]
+        for v in value or []:
+            enc, sep, dec = str(v).partition("/")
+            try:
+                ok = bool(sep) and 0 <= float(enc) <= 1 and 0 <= float(dec) <= 1
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"merge candidate {v!r}: expected ENCODER/DECODER shares between 0 and 1, e.g. 0.8/0.5")
         return value
 
     @field_validator("overrides", mode="before")
@@ -269,6 +324,7 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
     from transformers import set_seed
 
     from common.training.launch import is_rank_zero, worker_rank
+    from jobs.finetune.guard import held_aside
     from jobs.finetune.loops import (
         FINAL_FROM_ZERO,
         fast_path_decision,
@@ -289,6 +345,9 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
     by_id = {r["id"]: r for r in records}
 
     examples, _ = family.training_data(model_dir, records)
+    aside = held_aside([e.id for e in examples], int(the_plan.value("choice_holdout")))
+    choice_ex = [e for e in examples if e.id in aside]  # the domain slice of the guard's choice: never trained on
+    examples = [e for e in examples if e.id not in aside]
     train_ex, eval_ex = _holdout(examples, the_plan.eval_holdout, s.seed)
     allocator = None
     if str(the_plan.device).startswith("cuda"):
@@ -314,7 +373,8 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
     for name, value, reason in [
         *built.decisions,
         ("fast_path", fast, fast_reason),
-        ("train_clips", len(train_ex), f"{len(examples)} usable clips, {len(eval_ex)} held out for the eval loss"),
+        ("train_clips", len(train_ex), f"{len(examples) + len(choice_ex)} usable clips, {len(choice_ex)} held aside "
+                                       f"for the guard's choice, {len(eval_ex)} held out for the eval loss"),
         ("trainable_params", trainable, f"mode {the_plan.mode}"),
         ("threads", threads, "--threads" if s.threads else "the CPUs this process may use, shared by the ranks"),
         *([("cuda_expandable_segments", *allocator)] if allocator else []),
@@ -336,11 +396,15 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
     source, source_reason = final_weights_source(the_plan, fast)
     log.info("final/ weights 最终权重: %s (%s)", source, source_reason)
     if source == FINAL_FROM_ZERO:
-        del trainee, built  # the partitioned / 16-bit training copies (and any cached features)
+        del trainee  # the partitioned / 16-bit training copies (and any cached features)
         gc.collect()
         trainee = final_trainee_from_zero(ctx, family, model_dir, the_plan, trained["global_step"])
-    adapter = save_peft_adapter(trainee, ctx.out / ADAPTER)  # before save_final merges the LoRA weights in
-    final = family.save_final(trainee, ctx.out / FINAL, model_dir, values)
+    adapter = save_peft_adapter(trainee, ctx.out / ADAPTER)  # the trained adapter, before any merge
+    del built  # the training datasets (and any cached features): the guard decodes next
+    gc.collect()
+    final = guarded_final(ctx, family, trainee, model_dir, choice_ex, by_id, the_plan)
+    if final is None:
+        final = family.save_final(trainee, ctx.out / FINAL, model_dir, values)
     if adapter:
         final["adapter"] = adapter
     final["weights_from"] = source
@@ -366,6 +430,47 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
     }
     log.info("finetune summary: %s", json.dumps(summary, ensure_ascii=False))
     return {**result, "summary": summary}
+
+
+def guarded_final(ctx: StageContext, family: ModelFamily, trainee: Any, model_dir: Path, choice_ex: list,
+                  records: dict[str, dict], the_plan: Plan) -> dict[str, Any] | None:
+    """final/ chosen by the forgetting guard (jobs/finetune/guard.py), or None when there is no guard (or its
+    optional set is missing): then final/ follows the merge_alpha settings."""
+    import tempfile
+
+    from jobs.finetune.guard import domain_utterances, load_guard_set, run_guard, write_guard
+
+    s: FinetuneSettings = ctx.settings  # type: ignore[assignment]
+    if s.guard is None:
+        return None
+    offer = getattr(family, "candidates", None)
+    with tempfile.TemporaryDirectory(prefix="asrft-guard-set-") as work:
+        guard = load_guard_set(s.guard, ctx.store, s.run_id, Path(work), s.s3)
+        if guard is None:
+            the_plan.record("guard", None, f"guard set {s.guard.name!r} not found (optional): no choice; final/ "
+                            "follows merge_alpha")
+            write_plan(ctx, the_plan)
+            return None
+        if offer is not None:
+            candidates = offer(trainee, model_dir, s.model_dump())
+        else:
+            candidates = [Candidate("final", "the trained model (the family offers no other candidate)",
+                                    lambda dest: family.save_final(trainee, dest, model_dir, s.model_dump()))]
+        domain = domain_utterances(choice_ex, records, ctx.input_dir("prepare").parent)
+        choice, report = run_guard(family, candidates, model_dir, domain, guard, s, the_plan.device, ctx.out / FINAL)
+    write_guard(ctx.out, report)
+    the_plan.record("guard", {"chosen": choice.chosen, "met_tolerance": choice.met_tolerance,
+                              "tolerance_points": choice.tolerance_points, "guard_set": s.guard.name,
+                              "guard_utterances": len(guard), "domain_utterances": len(domain),
+                              "seconds": report["seconds"],
+                              "candidates": [{"name": v.name, "domain_cer": v.domain_cer, "guard_cer": v.guard_cer,
+                                              "guard_delta": v.guard_delta.as_dict() if v.guard_delta else None,
+                                              "passes": v.passes, "reason": v.reason} for v in choice.candidates],
+                              "pretrained": choice.pretrained}, choice.reason)
+    write_plan(ctx, the_plan)
+    if not choice.met_tolerance:
+        log.warning("forgetting guard 遗忘防护: %s", choice.reason)
+    return {**report["final"], "guard": {"chosen": choice.chosen, "met_tolerance": choice.met_tolerance}}
 
 
 def write_plan(ctx: StageContext, the_plan: Plan) -> None:

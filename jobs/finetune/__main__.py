@@ -1,6 +1,7 @@
 """asr-ft finetune — plan, then fine-tune the run's pretrained model (full / freeze-encoder / LoRA) on extract's records.
 
     asr-ft finetune [--mode auto|full|freeze-encoder|lora] [--epochs N] [--lr LR] [--batch B] [--run-id ID]
+                    [--guard-dir FOLDER | --guard-csv F --guard-audio-dir D] [--guard-tolerance POINTS]
     python -m jobs.finetune ...            (the same, as run in a container)
 
 Environment: ASRFT_FINETUNE_<SETTING> for every flag (ASRFT_FINETUNE_MODE, ASRFT_FINETUNE_EPOCHS,
@@ -12,7 +13,9 @@ ASRFT_S3__ENDPOINT_URL (and the other ASRFT_S3__* keys). TENSORBOARD_LOGGING_DIR
 Reads <run>/extract/ (records, data_facts.json, the feature cache) and <run>/pretrained/ (model/ and the
 family in provenance.json); writes <run>/finetune/: plan.json (before any weight is loaded), checkpoints/
 checkpoint-N/, tensorboard/, trainer_state.json, final/ (the family's model folder; whisper: a plain Hugging
-Face Whisper folder, LoRA merged). Interrupted? Run the same command again: it resumes from the last checkpoint.
+Face Whisper folder, LoRA merged). With a guard set (general speech the model must not get worse on), final/ is
+the candidate chosen by the forgetting guard and guard.json records every candidate and the reason.
+Interrupted? Run the same command again: it resumes from the last checkpoint.
 
 Several machines: every node runs `torchrun --module jobs.finetune [flags]` (a Kubeflow Trainer TrainJob does
 this, its torch runtime giving torchrun PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR,
@@ -32,6 +35,7 @@ EXAMPLES = """examples:
   asr-ft finetune --run-id demo --mode lora --lora-r 32 --frozen-encoder-layers 3 --epochs 4 --lr 1e-3
   asr-ft finetune --run-id big --mode full --batch 32 --overrides '{"strategy": "zero2", "save_steps": 200}'
   asr-ft finetune --run-id demo --device cpu --max-steps 20       # a quick smoke run
+  asr-ft finetune --run-id demo --guard-dir data/general-zh --guard-tolerance 1.0   # keep general speech safe
 
 中文: 先写出训练计划 plan.json(每个自动决策及原因, 可用设置覆盖), 再训练; 中断后重跑同一命令即从最近的检查点续训。
 """

@@ -96,6 +96,10 @@ def make_plan(s: Any, family: ModelFamily, config: Mapping[str, Any], facts: Map
     if not facts.get("clips"):
         raise StageFailed("no usable training clip (extract/data_facts.json lists the rejected ones); check "
                           "extract/train.jsonl", exit_code=2)
+    from jobs.finetune.guard import choice_holdout_size
+
+    aside, aside_reason = choice_holdout_size(s, int(facts["clips"]))
+    facts = {**facts, "clips": int(facts["clips"]) - aside}  # what training iterates over
     try:
         planning = family.planning(config, facts, s.model_dump())
         request = plan_request(s, planning.fp32_weights)
@@ -105,6 +109,7 @@ def make_plan(s: Any, family: ModelFamily, config: Mapping[str, Any], facts: Map
         raise StageFailed(f"cannot plan the training: {e}", exit_code=2) from None
     for name, value, reason in planning.decisions:
         the_plan.record(name, value, reason)
+    the_plan.record("choice_holdout", aside, aside_reason)
     return the_plan, planning
 
 

@@ -239,8 +239,8 @@ def test_default_pipeline_is_the_built_in_demo_on_the_volume(chart):
             return [on_volume(v) for v in value]
         if isinstance(value, dict):
             return {k: on_volume(v) for k, v in value.items()}
-        if value == "${ASRFT_REAL_ZH_DEV}":
-            return "/artifacts/real-zh-dev"
+        if value in ("${ASRFT_REAL_ZH_DEV}", "${ASRFT_REAL_ZH_DEV2}"):
+            return "/artifacts/" + value[len("${ASRFT_"):-1].lower().replace("_", "-")
         return f"/artifacts/{value}" if isinstance(value, str) and value.startswith("demo_data") else value
 
     for step in pipeline_steps():

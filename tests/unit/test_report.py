@@ -71,7 +71,11 @@ def _images(page: str) -> list[str]:
 def test_writes_exactly_the_three_files_atomically(two_models: dict) -> None:
     assert set(two_models["paths"]) == {"metrics.json", "report.md", "report.html"}
     assert sorted(p.name for p in two_models["out"].iterdir()) == ["metrics.json", "report.html", "report.md"]
-    assert json.loads(two_models["metrics.json"]) == two_models["metrics"]
+    written = json.loads(two_models["metrics.json"])
+    vs = written["whisper-base-ft"]["hsk"].pop("vs_baseline")  # the comparison with its interval, added
+    written["whisper-base-ft"]["real"].pop("vs_baseline")
+    assert written == two_models["metrics"]
+    assert vs["baseline"] == "whisper-base" and vs["ci95_low"] <= vs["delta_cer"] <= vs["ci95_high"]
 
 
 def test_html_embeds_its_plots_as_inline_svg_with_text_labels(two_models: dict) -> None:
@@ -170,3 +174,28 @@ def test_cjk_font_when_present_draws_chinese() -> None:
         assert not report.drawable("字错率")
     else:
         assert report.drawable("字错率 whisper")
+
+
+def test_every_comparison_has_an_interval_and_the_report_opens_with_the_answers(tmp_path):
+    """Domain = the first set, general speech = the others; the guard's choice (finetune's guard.json) joins."""
+    guard = {"chosen": "merge-enc0.8-dec1", "met_tolerance": True, "tolerance_points": 1.0, "guard_set": "general",
+             "reason": "merge-enc0.8-dec1: the lowest domain-slice CER", "pretrained": {"domain_cer": 1.5,
+                                                                                       "guard_cer": 0.2},
+             "candidates": [{"name": "merge-enc0.8-dec1", "domain_cer": 0.2, "guard_cer": 0.205, "passes": True,
+                             "guard_delta": {"delta": 0.005, "low": -0.004, "high": 0.009, "n": 30,
+                                             "verdict": "no significant difference"}}]}
+    scored = score_rows(_rows())
+    paths = write_report(tmp_path, metrics_by_model_set(scored), scored, TITLE, guard=guard)
+    md, page = paths["report.md"].read_text(), paths["report.html"].read_text()
+    answers = md.split("## Answers · 结论")[1].split("## ")[0]
+    assert "Better on your domain?" in answers and "hsk" in answers  # the first set
+    assert "Worse on general speech?" in answers and "real" in answers
+    assert "final/ = merge-enc0.8-dec1" in answers and "+0.50 pp" in answers and "within the tolerance" in answers
+    assert "95 % CI" in answers
+    assert "Forgetting guard" in md and "merge-enc0.8-dec1" in page and "<strong>" in page
+    metrics = json.loads(paths["metrics.json"].read_text())
+    for name in ("hsk", "real"):
+        vs = metrics["whisper-base-ft"][name]["vs_baseline"]
+        assert vs["verdict"] in ("better", "worse", "no significant difference")
+        assert vs["ci95_low"] <= vs["delta_cer"] <= vs["ci95_high"] and "bootstrap" in vs["method"]
+    assert "vs_baseline" not in metrics["whisper-base"]["hsk"]  # the baseline is not compared with itself

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.core.stage import StageFailed, cache_dir
-from common.families import Built, EngineRequest, FamilyError, FrontEnd, Planning
+from common.families import Built, Candidate, EngineRequest, FamilyError, FrontEnd, Planning
 from common.families.whisper import model as folders
 from common.families.whisper.conventions import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -226,6 +226,42 @@ def save_final(trainee: Any, out_dir: Path, model_dir: Path, settings: Mapping[s
 
     tokenizer, fe = _processor(model_dir)
     return save(trainee, out_dir, tokenizer, fe, model_dir, merge_alpha(settings))
+
+
+# What the forgetting guard tries, by the parts that trained: (encoder, decoder) shares of the training's change
+# kept, trained furthest first. The decoder holds the language model, where forgetting mostly lives, so the
+# grid pulls it back harder than the encoder; few candidates keep the guard's CPU cost small.
+DEFAULT_MERGE_CANDIDATES = {
+    ("encoder", "decoder"): ((1.0, 1.0), (1.0, 0.5), (0.8, 0.25), (0.6, 0.0)),
+    ("encoder",): ((1.0, 1.0), (0.8, 1.0), (0.6, 1.0), (0.4, 1.0)),
+    ("decoder",): ((1.0, 1.0), (1.0, 0.5), (1.0, 0.25), (1.0, 0.1)),
+}
+
+
+def candidates(trainee: Any, model_dir: Path, settings: Mapping[str, Any]) -> list[Candidate]:
+    """WiSE-FT merges of the trained model (``merge_candidates`` as ENCODER/DECODER, else the default grid for
+    the parts that trained), for finetune's forgetting guard."""
+    from common.families.whisper.trainee import merge_writer, trained_parts
+
+    parts = trained_parts(trainee.spec)
+    given = settings.get("merge_candidates")
+    grid = ([tuple(float(x) for x in str(v).split("/")) for v in given] if given
+            else DEFAULT_MERGE_CANDIDATES[parts])
+    tokenizer, fe = _processor(model_dir)
+    write = merge_writer(trainee, tokenizer, fe, model_dir)
+    out, seen = [], set()
+    for enc, dec in grid:
+        key = (enc if "encoder" in parts else 1.0, dec if "decoder" in parts else 1.0)  # an untrained part: no-op
+        if key in seen:
+            continue
+        seen.add(key)
+        factors = {"encoder": key[0], "decoder": key[1]}
+        out.append(Candidate(
+            name=f"merge-enc{key[0]:g}-dec{key[1]:g}",
+            description=f"WiSE-FT: {key[0]:.0%} of the encoder's and {key[1]:.0%} of the decoder's change kept"
+                        + ("" if len(parts) == 2 else f" (only the {parts[0]} trained)"),
+            write=lambda dest, f=factors: write(f, dest), params={"merge_alpha": factors}))
+    return out
 
 
 # --- export ---------------------------------------------------------------------------------------------

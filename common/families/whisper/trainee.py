@@ -326,3 +326,35 @@ def save_final(trainee, out_dir: Path, tokenizer, fe, pretrained_dir: Path | Non
         fe.save_pretrained(str(tmp))
     return {"path": out_dir.name, "merge_alpha": factors, "params": sum(p.numel() for p in model.parameters())}
 
+
+
+def trained_parts(spec: ModeSpec) -> tuple[str, ...]:
+    """The parts whose weights training changes: ('encoder', 'decoder') or one of them."""
+    if spec.mode == "lora":
+        return tuple(p for p in ("encoder", "decoder") if p in spec.lora_parts)
+    return ("decoder",) if spec.mode == "freeze-encoder" else ("encoder", "decoder")
+
+
+def merge_writer(trainee, tokenizer, fe, pretrained_dir: Path) -> Callable[[Mapping[str, float], Path], dict[str, Any]]:
+    """``write(factors, dest)``: the trained model (LoRA merged once) pulled back toward the pretrained weights
+    by ``factors`` per part, saved like ``save_final``. Every call starts from the trained weights (a copy is
+    kept: one model's size in RAM)."""
+    import torch
+
+    model = merged_whisper(trainee)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    set_zh_generation(model, tokenizer)
+
+    def write(factors: Mapping[str, float], dest: Path) -> dict[str, Any]:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(trained[n])
+        if any(a != 1.0 for a in factors.values()):
+            interpolate_weights(model, pretrained_dir, dict(factors), part_of)
+        with atomic_dir(dest) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            fe.save_pretrained(str(tmp))
+        return {"path": dest.name, "merge_alpha": dict(factors), "params": sum(p.numel() for p in model.parameters())}
+
+    return write
