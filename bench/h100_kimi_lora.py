@@ -173,25 +173,14 @@ def build_encoder(tiny: bool, device: Any) -> Any:
 
 
 def trainee_from_model(model: Any, the_plan: Any, settings: dict[str, Any]) -> Any:
-    """The trainee family.trainee() builds, from a model already in memory instead of a folder: the same LoRA
-    config (r, alpha from the plan; the trunk's projections by ``family.lora_target_names``; ``lora_dropout``
-    from the settings; no bias), the audio branch frozen, the family's own trainee class. The frozen base keeps
-    the dtype it was built in."""
-    from peft import LoraConfig, get_peft_model
-
+    """The trainee the stage builds (``family.trainee_of``, what ``family.trainee`` calls after loading the
+    folder), from a model already in memory; the frozen base keeps the dtype it was built in."""
     from common.families.kimi_audio import family
 
     if the_plan.mode != "lora":
         raise SystemExit(f"the plan chose mode {the_plan.mode!r}; this bench measures the LoRA setup the planner "
                          "chooses for Kimi-Audio-7B on one GPU")
-    lora = the_plan.lora
-    targets = family.lora_target_names(model)
-    spec = {"mode": the_plan.mode, "r": lora.r, "alpha": lora.alpha, "modules": len(targets)}
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=float(settings.get("lora_dropout", 0.05)),
-                        target_modules=targets, bias="none")
-    owner = get_peft_model(model, config)  # freezes every base weight; adapters in fp32 (peft's default)
-    model.freeze_audio_branch()
-    return family._Trainee.build(model, owner, spec)
+    return family.trainee_of(model, the_plan, settings)
 
 
 def torch_dtype(name: str) -> Any:
@@ -550,11 +539,23 @@ def timed_run(trainee: Any, the_plan: Any, batches: list[list[dict[str, Any]]], 
                            callbacks=[Clock()])
     trainer._get_train_sampler = lambda *a, **k: SequentialSampler(dataset)  # the length-grouped order as built
     free_memory()
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
+    pauses: list[tuple[int, float]] = []  # (generation, seconds) of each garbage collection during the run
+    started: list[float] = []
+
+    def gc_clock(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pauses.append((info["generation"], time.perf_counter() - started.pop()))
+
+    gc.callbacks.append(gc_clock)
     rss.mark()
     t0 = time.perf_counter()
     try:
         trainer.train()
     finally:
+        gc.callbacks.remove(gc_clock)
         counter.remove()
         wall = time.perf_counter() - t0
         with contextlib.suppress(Exception):
@@ -562,6 +563,8 @@ def timed_run(trainee: Any, the_plan: Any, batches: list[list[dict[str, Any]]], 
         trainee.__dict__.pop("forward", None)  # accelerate wraps the forward of the model it prepares
         trainee.__dict__.pop("_original_forward", None)
     memory = gpu_stats(context_bytes)
+    if cuda:  # the caching allocator freed its cache and retried a cudaMalloc: a stall of the step it hit
+        memory["cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
     del trainer, model
     for p in trainee.parameters():
         p.grad = None
@@ -600,6 +603,10 @@ def timed_run(trainee: Any, the_plan: Any, batches: list[list[dict[str, Any]]], 
         "losses": [round(s.get("loss", float("nan")), 4) for s in per_step],
         "batches_as_built": expected == [int(s["tokens"]) for s in per_step],
         "wall_s": round(wall, 1),
+        "gc": {"frozen_objects": gc.get_freeze_count(), "collections": len(pauses),
+               "full_collections": sum(g == 2 for g, _ in pauses),
+               "pause_s_total": round(sum(t for _, t in pauses), 3),
+               "pause_s_max": round(max((t for _, t in pauses), default=0.0), 3)},
         **memory,
         "peak_host_rss_gb": round(rss.case_peak / 1e9, 2),
     }
@@ -698,7 +705,7 @@ def run_variant(name: str, ctx: dict[str, Any], a: argparse.Namespace, report: d
     import torch
 
     from common.families.kimi_audio import family
-    from common.training.trainer import load_trainable
+    from common.training.trainer import freeze_gc, load_trainable
 
     config, tiny, device = ctx["config"], a.tiny, ctx["device"]
     section: dict[str, Any] = {"description": VARIANTS[name][1], "cases": {}}
@@ -724,6 +731,12 @@ def run_variant(name: str, ctx: dict[str, Any], a: argparse.Namespace, report: d
 
     log.info("variant %s: building the LLM in %s on %s", name, dtype, device)
     trainee, timing = build()
+    if a.baseline:  # what the stage did before: peft casts every adapter input to fp32, nothing frozen for gc
+        for module in trainee.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = True
+    else:
+        freeze_gc()  # as train_rank does once its data sets are built
     params = {
         "total": sum(p.numel() for p in trainee.parameters()),
         "trainable": sum(p.numel() for p in trainee.parameters() if p.requires_grad),
@@ -865,6 +878,12 @@ def prepare(a: argparse.Namespace, report: dict[str, Any], save) -> dict[str, An
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if cuda:  # as the finetune stage does before its model reaches the GPU
+        from common.training.trainer import expandable_segments
+
+        on, why = expandable_segments()
+        report["cuda_allocator"] = {"expandable_segments": on, "why": why,
+                                    "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     config = STANDIN_CONFIG if a.tiny else KIMI_AUDIO_7B
     family = get_family("kimi-audio")
     work_dir = Path(tempfile.mkdtemp(prefix="kimi-bench-"))
@@ -1060,8 +1079,11 @@ def notes(report: dict[str, Any], tiny: bool) -> list[str]:
     out += [
         "variant 'frozen-bf16' is what the stage trains (the planner's bf16 base for LoRA); 'frozen-fp32' forces an "
         "fp32 base through overrides",
-        "the stage's Trainer samples batches at random (no length grouping): see data.padding_fraction_of_all_clips",
+        "the stage's Trainer groups clips of similar length into batches (group_by_length); the bench feeds "
+        "sample.length_grouped_batches in order: see data.padding_fraction_of_all_clips",
     ]
+    if report.get("baseline"):
+        out.append("--baseline: peft's fp32 cast of every adapter input kept and no gc.freeze (the stage does both)")
     return out
 
 
@@ -1078,6 +1100,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-stage-features", action="store_true",
                     help="skip timing the stage's CPU fp32 feature pre-pass on one clip")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", action="store_true",
+                    help="measure without the stage's step-time measures (peft's fp32 cast of adapter inputs kept, "
+                         "no gc.freeze) for a side-by-side ratio; set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False "
+                         "as well to leave the allocator as it was")
     ap.add_argument("--tiny", action="store_true",
                     help="the stand-in's shape on the CPU: a smoke test of the harness")
     a = ap.parse_args(argv)
@@ -1109,6 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "bench/h100_kimi_lora.py", *sys.argv[1:]] if argv is None
                               else ["python", "bench/h100_kimi_lora.py", *argv]),
         "tiny_smoke_test": a.tiny,
+        "baseline": a.baseline,
         "versions": versions(),
         "settings": {},
         "timing": {"warmup_steps": a.warmup_steps, "timed_steps": a.steps, "statistic": "median optimizer-step "

@@ -54,7 +54,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import statistics
 import time
@@ -1074,16 +1073,10 @@ def train_fast(
 
 
 def _expandable_segments() -> None:
-    """Turn on the CUDA caching allocator's expandable segments unless PYTORCH_CUDA_ALLOC_CONF decides it."""
-    import torch
+    from common.training.trainer import expandable_segments
 
-    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        return
-    try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-        log.info("CUDA allocator: expandable segments on (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False to keep it off)")
-    except (AttributeError, RuntimeError) as e:  # an allocator without the option: run as it is
-        log.info("CUDA allocator: expandable segments unavailable (%s)", e)
+    on, why = expandable_segments()
+    log.info("CUDA allocator: expandable segments %s (%s)", "on" if on else "off", why)
 
 
 def _forward_backward(trainee: Any, inputs: Mapping[str, Any], amp: Any, n_micro: int) -> Any:

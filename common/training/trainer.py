@@ -128,6 +128,36 @@ def load_trained_weights(trainee, weights: Mapping[str, Any]) -> list[str]:
     return wanted
 
 
+def expandable_segments() -> tuple[bool, str]:
+    """Turn on the CUDA caching allocator's expandable segments unless PYTORCH_CUDA_ALLOC_CONF decides it;
+    call before the model goes to the GPU. Near a full GPU, batches of varying length fragment fixed-size
+    segments: the allocator then frees its whole cache and retries, a stall of a second or more per step.
+    Returns (on, why) for the plan."""
+    import os
+
+    import torch
+
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "expandable_segments" in conf:
+        on = "expandable_segments:true" in conf.replace(" ", "").lower()
+        return on, f"PYTORCH_CUDA_ALLOC_CONF={conf}"
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError) as e:  # an allocator without the option: run as it is
+        return False, f"this torch's CUDA allocator has no expandable segments ({e})"
+    return True, ("segments grow in place, so batches of varying length do not fragment a nearly full GPU "
+                  "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False keeps it off)")
+
+
+def freeze_gc() -> None:
+    """Move every object alive now (the data set, the model's Python objects) out of the garbage collector's
+    reach: a full collection would walk them all, a pause of seconds in the middle of a step."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def leave_zero3_init() -> None:
     """Models loaded from now on are plain ones: while the Trainer's DeepSpeed ZeRO-3 config is registered,
     ``from_pretrained`` builds models partitioned (deepspeed.zero.Init), which needs every rank."""

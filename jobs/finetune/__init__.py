@@ -248,6 +248,11 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
 
     examples, _ = family.training_data(model_dir, records)
     train_ex, eval_ex = _holdout(examples, the_plan.eval_holdout, s.seed)
+    allocator = None
+    if str(the_plan.device).startswith("cuda"):
+        from common.training.trainer import expandable_segments
+
+        allocator = expandable_segments()  # before the first weight reaches the GPU
     trainee = family.trainee(model_dir, the_plan, values)
     trainable = sum(p.numel() for p in trainee.parameters() if p.requires_grad)
     trainee.to(the_plan.device)
@@ -256,6 +261,9 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
                             {"extract": ctx.input_dir("extract"), "run": ctx.input_dir("prepare").parent},
                             the_plan, values)
     dataset_seconds = time.perf_counter() - t0
+    from common.training.trainer import freeze_gc
+
+    freeze_gc()  # the examples and the model live until the end
     fast, fast_reason = fast_path_decision(s.fast_path, the_plan, trainee, built)
     log.info("fast path 快速训练: %s (%s)", "on" if fast else "off", fast_reason)
     for name, value, reason in [
@@ -264,6 +272,7 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
         ("train_clips", len(train_ex), f"{len(examples)} usable clips, {len(eval_ex)} held out for the eval loss"),
         ("trainable_params", trainable, f"mode {the_plan.mode}"),
         ("threads", threads, "--threads" if s.threads else "the CPUs this process may use, shared by the ranks"),
+        *([("cuda_expandable_segments", *allocator)] if allocator else []),
     ]:
         the_plan.record(name, value, reason)
     if is_rank_zero():

@@ -19,10 +19,15 @@ accumulated over 4 layers, attention and the 168448-way softmax:
   gradient points the same way: cosine ≥ GRAD_MIN_COSINE (0.99);
 - batch invariance: a row in the padded batch runs through other kernels than the row alone (a (B, S) matmul,
   a masked attention instead of the causal one), so it gets other roundings, never other values: its logits
-  (real positions) and its loss differ from the row alone by at most ROW_FACTOR (3) x what bf16 itself changes
-  in that row (the row alone, bf16 against fp32), and never more than the absolute ceilings ROW_LOGIT_MAX
-  (0.5, logits have standard deviation ~1) and ROW_LOSS_MAX (0.05 of a loss of ~12.5). A row that read
-  another row's features, padding or positions would be off by O(1).
+  (real positions) differ from the row alone by at most ROW_FACTOR (3) x what bf16 itself changes in that row
+  (the row alone, bf16 against fp32) and never more than ROW_LOGIT_MAX (0.5, logits have standard deviation
+  ~1). Its loss follows from its logits: a token's cross-entropy (logsumexp − the label's logit) moves by at
+  most twice the largest logit change, so the row's mean loss may differ by 2 x its logit difference (+ 1e-3
+  for the reductions), never more than ROW_LOSS_MAX (0.05 of a loss of ~12.5). A row that read another row's
+  features, padding or positions would be off by O(1).
+  (On an H100, torch 2.11: logits 0.031 from alone — one bf16 step at |logit| 4–8 — where bf16 alone is 0.040
+  from fp32; losses 0.001–0.0044 from alone. An earlier bound of 3 x the row's own bf16 loss change failed
+  there by chance: that change is an average of signed roundings and can be far below the logit scale.)
 The same computations with CPU bf16 autocast (torch 2.13, where they can run here) gave: loss 6e-5 relative,
 gradients 0.9 %, worst cosine 0.9998; rows 0.03 from alone in logits (two bf16 steps at |logit| ~4) where bf16
 alone is 0.04 from fp32, losses within 4e-4. CUDA kernels round differently, hence the margins.
@@ -76,6 +81,7 @@ CLIPS = [  # (seconds, transcript): rows of different lengths, so the batch pads
     (19.7, "他说自己最近工作很忙没有时间回家看看父母和孩子"),
 ]
 PLAN = SimpleNamespace(mode="lora", lora=LoraSpec(r=16, alpha=32, targets=family.LORA_TARGETS))
+PLAN_BF16 = SimpleNamespace(**vars(PLAN), precision="bf16")  # the stage's plan on a GPU: adapters see bf16 inputs
 SETTINGS = {"lora_dropout": 0.0}  # no randomness between the two runs
 LORA_B_STD = 0.02
 LOSS_RTOL = 2e-3
@@ -140,7 +146,7 @@ def make_trainee(folder: Path, device: str, bf16: bool):
     """family.trainee (fp32, as the stage loads it) with LoRA B set to the same random values every time; with
     ``bf16`` the frozen weights are cast to bf16 (exact: they are stored in bf16), the adapters stay fp32."""
     torch.manual_seed(0)  # LoRA's A matrices
-    trainee = family.trainee(folder, PLAN, SETTINGS)
+    trainee = family.trainee(folder, PLAN_BF16 if bf16 else PLAN, SETTINGS)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in sorted(trainee.named_parameters()):
@@ -227,6 +233,7 @@ def row_errors(folder: Path, items: list[dict], device: str) -> list[dict]:
 
 def test_one_lora_step_in_bf16_matches_fp32(cuda, folder, items):
     e = step_errors(folder, items, cuda)
+    print(json.dumps(e, indent=1))
     assert e["loss_rel"] <= LOSS_RTOL, e
     assert e["grad_rel"] <= GRAD_RTOL, e
     assert e["worst_cosine"] >= GRAD_MIN_COSINE, e
@@ -234,7 +241,8 @@ def test_one_lora_step_in_bf16_matches_fp32(cuda, folder, items):
 
 def test_each_row_of_a_padded_bf16_batch_equals_the_row_alone(cuda, folder, items):
     rows = row_errors(folder, items, cuda)
+    print(json.dumps(rows, indent=1))  # shown with -rA: the measured margins
     assert sum(r["padding"] > 0 for r in rows) == len(rows) - 1  # every row but the longest is padded
     for r in rows:
         assert r["logit_diff"] <= min(ROW_LOGIT_MAX, ROW_FACTOR * r["bf16_logit_dev"]), r
-        assert r["loss_diff"] <= min(ROW_LOSS_MAX, max(ROW_FACTOR * r["bf16_loss_dev"], 1e-3)), r
+        assert r["loss_diff"] <= min(ROW_LOSS_MAX, 2 * r["logit_diff"] + 1e-3), r

@@ -331,7 +331,13 @@ def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
     from common.families.kimi_audio.model import load_pretrained
 
     dtype = getattr(torch, getattr(plan, "load_dtype", None) or "float32")  # the plan's (bf16 base for LoRA on GPUs)
-    model = load_pretrained(model_dir, dtype=dtype)
+    return trainee_of(load_pretrained(model_dir, dtype=dtype), plan, settings)
+
+
+def trainee_of(model: Any, plan: Plan, settings: Mapping[str, Any]) -> Any:
+    """The trainee of a model already in memory (``trainee`` loads it first): LoRA on the planned trunk
+    projections (or every LLM weight for a full fine-tune), the audio branch frozen."""
+    dtype = next(model.parameters()).dtype
     spec: dict[str, Any] = {"mode": plan.mode, "dtype": str(dtype).removeprefix("torch.")}
     if plan.mode == "lora":
         from peft import LoraConfig, get_peft_model
@@ -342,6 +348,14 @@ def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=float(settings.get("lora_dropout", 0.05)),
                             target_modules=targets, bias="none")
         owner = get_peft_model(model, config)  # freezes every base weight
+        if getattr(plan, "precision", None) == "bf16":
+            # the loops run under bf16 autocast: peft would cast each adapter's input to its fp32 weights' dtype
+            # (a full copy of the activations per projection, 196 on the 7B, and dropout in fp32) only for
+            # autocast to cast it back for the matmul
+            for module in owner.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
+            spec["adapter_input"] = "as computed (bf16 autocast)"
     else:
         model.requires_grad_(True)
         owner = model
