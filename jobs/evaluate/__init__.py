@@ -656,6 +656,8 @@ def training_extra(ctx: StageContext) -> dict[str, Any]:
         or "none (no clips held out: eval_holdout 0, or too few training clips)",
         "curves": f"report_to {summary.get('report_to') or ['tensorboard']} (TensorBoard: finetune/tensorboard/)",
     }}
+
+
 def run_guard_result(store: Store, settings: EvaluateSettings) -> dict[str, Any] | None:
     """The forgetting guard's choice (finetune's guard.json) when this run's models are the run's own."""
     if settings.model:

@@ -183,6 +183,8 @@ class FinetuneSettings(StageSettings):
     def _report_to_list(cls, value: Any) -> Any:
         if isinstance(value, str):  # "mlflow", "tensorboard,mlflow" or a JSON list
             value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",")]
+        return value
+
     @field_validator("guard", mode="before")
     @classmethod
     def _guard_string(cls, value: Any) -> Any:
