@@ -85,39 +85,46 @@ def bench_transcribe(model: str, wav: Path, samples: np.ndarray, reference: str,
 
     loaded = open_model(TranscribeSettings(model=model, audio=[str(wav)], device="cpu"))
     ct2_dir = Path(loaded.info["folder"])
-    ours, text = [], ""
+    ours, ours_cpu, text = [], [], ""
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         audio, _ = load_audio(wav)
         segments = transcribe_recording(loaded.engine, audio, batch_size=loaded.batch_size)
         ours.append(time.perf_counter() - t0)
+        ours_cpu.append(time.process_time() - c0)
         text = join_texts([s.text for s in segments])
     del loaded
 
     fw = WhisperModel(str(ct2_dir), device="cpu", compute_type="float32", cpu_threads=cpu_threads())
-    theirs, fw_text, fw_segments = [], "", 0
+    theirs, theirs_cpu, fw_text, fw_segments = [], [], "", 0
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result, _info = fw.transcribe(str(wav), language="zh", task="transcribe", beam_size=1, temperature=0.0,
                                       vad_filter=True)
         result = list(result)
         theirs.append(time.perf_counter() - t0)
+        theirs_cpu.append(time.process_time() - c0)
         fw_text, fw_segments = "".join(s.text for s in result), len(result)
     del fw
     audio_s = len(samples) / SR
     return {
         "audio_seconds": audio_s, "model_folder": ct2_dir.name, "threads": cpu_threads(), "repeats": repeats,
         "asr_ft_transcribe": {"seconds": [round(x, 2) for x in ours], "rtf_median": round(statistics.median(ours) / audio_s, 4),
+                              "cpu_seconds": [round(x, 2) for x in ours_cpu],
+                              "cpu_rtf_median": round(statistics.median(ours_cpu) / audio_s, 4),
                               "segments": len(segments), "cer": cer(reference, text),
                               "settings": "Silero VAD (min silence 1 s, pad 200 ms) → ≤30-s segments, batches of 8, "
                                           "greedy, language zh, no timestamps tokens, float32"},
         "faster_whisper_transcribe_vad": {"seconds": [round(x, 2) for x in theirs],
                                           "rtf_median": round(statistics.median(theirs) / audio_s, 4),
+                                          "cpu_seconds": [round(x, 2) for x in theirs_cpu],
+                                          "cpu_rtf_median": round(statistics.median(theirs_cpu) / audio_s, 4),
                                           "segments": fw_segments, "cer": cer(reference, fw_text),
                                           "settings": "WhisperModel.transcribe(vad_filter=True, beam_size=1, "
                                                       "temperature=0, language='zh'), float32, sequential 30-s "
                                                       "windows over the speech"},
         "speedup_median": round(statistics.median(theirs) / statistics.median(ours), 2),
+        "cpu_speedup_median": round(statistics.median(theirs_cpu) / statistics.median(ours_cpu), 2),
     }
 
 
@@ -196,6 +203,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=12, help="requests for 1 client (8 clients: 4×)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--parts", default="transcribe,serve",
+                        help="what to measure; a part left out keeps its result from --out (with its own date)")
     args = parser.parse_args()
     folder = os.environ.get("ASRFT_REAL_ZH_DEV")
     if not folder:
@@ -207,16 +216,27 @@ def main() -> None:
     clips = real_clips(Path(folder), N_CLIPS)
     samples = build_recording([c for _, c, _, _ in clips], SECONDS)
     reference = "".join(t for _, _, t, _ in clips)
-    with tempfile.TemporaryDirectory(prefix="asrft-bench-") as work:
-        wav = Path(work) / "recording.wav"
-        sf.write(wav, samples, SR, subtype="PCM_16")
-        transcribe = bench_transcribe(args.model, wav, samples, reference, args.repeats)
-    serve = bench_serve(args.model, [p for _, _, _, p in clips], args.requests)
+    parts = set(args.parts.split(","))
+    old = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {}
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    load = {"start": [round(x, 2) for x in os.getloadavg()]}
+    if "transcribe" in parts:
+        with tempfile.TemporaryDirectory(prefix="asrft-bench-") as work:
+            wav = Path(work) / "recording.wav"
+            sf.write(wav, samples, SR, subtype="PCM_16")
+            transcribe = {"date": now, **bench_transcribe(args.model, wav, samples, reference, args.repeats)}
+    else:
+        transcribe = old.get("transcribe")
+    serve = ({"date": now, **bench_serve(args.model, [p for _, _, _, p in clips], args.requests)}
+             if "serve" in parts else old.get("serve"))
+    load["end"] = [round(x, 2) for x in os.getloadavg()]
     result = {
         "benchmark": "cpu-transcribe-serve", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "note": "2-core development machine, CPU shared with other jobs running at the same time: "
-                            "absolute times are pessimistic; the two decoders ran back to back in one run"},
+                            "wall times are pessimistic and noisy; cpu_seconds (this process's CPU time) compare the "
+                            "two decoders better; they ran back to back in one run",
+                    "load_average_1_5_15_min": load},
         "model": args.model, "recording": f"{N_CLIPS} real-zh-dev clips + silences, {SECONDS:.0f} s",
         "transcribe": transcribe, "serve": serve,
     }

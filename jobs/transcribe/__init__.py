@@ -169,8 +169,8 @@ def transcribe(settings: TranscribeSettings) -> int:
     with tempfile.TemporaryDirectory(prefix="asrft-transcribe-") as work, \
             tqdm(total=len(sources), desc="transcribe", unit="file", mininterval=1.0) as bar:
         for source in sources:
-            bar.update(1)
             if source.error:
+                bar.update(1)
                 continue
             try:
                 samples, _ = load_audio(_local_copy(source, Path(work), settings.s3))
@@ -178,6 +178,7 @@ def transcribe(settings: TranscribeSettings) -> int:
                 source.error = f"{getattr(e, 'reason', 'unreadable')}: {e}"
                 skipped.append(source)
                 log.warning("transcribe: %s skipped: %s", source.uri, source.error)
+                bar.update(1)
                 continue
             duration = len(samples) / 16_000
             audio_seconds += duration
@@ -196,6 +197,7 @@ def transcribe(settings: TranscribeSettings) -> int:
                         text = f"# {source.uri}\n{text}"
                     sys.stdout.write(text)
                     sys.stdout.flush()
+            bar.update(1)
     if jsonl:
         if out is not None:
             atomic_write_bytes(out / JSONL_FILE, "".join(jsonl).encode())
