@@ -27,8 +27,8 @@ interval is ≤ ``guard_tolerance`` CER points: with 97.5 % confidence it is no 
 ``closest`` keeps the candidate with the lowest upper end (the least evidence of forgetting) and says so in
 the log, plan.json and the report; ``pretrained`` writes the pretrained weights as final/.
 
-Cost: each candidate decodes both sets once, the pretrained model the guard set (CPU: about 0.2–0.5 s per clip for
-whisper-base on two cores; the stage logs the measured seconds in guard.json).
+Cost: each candidate decodes both sets once, the pretrained model the guard set; guard.json records the seconds
+per model (whisper-base on a busy 2-core CPU: 3–8 s per clip; on a GPU a small fraction of that).
 """
 
 from __future__ import annotations
