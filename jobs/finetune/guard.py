@@ -15,7 +15,9 @@ Two sets are scored, with the same greedy decoding ``evaluate`` uses:
   (a CSV + audio folder, or a folder with transcripts.csv + audio/, like any test set).
 
 Candidates are what the model family offers (``candidates``; whisper: WiSE-FT merges of the trained weights
-with the pretrained ones, per part: encoder / decoder). The pretrained model is scored on both sets too.
+with the pretrained ones, per part: encoder / decoder). The pretrained model is scored on the guard set (the
+reference of the tolerance); not on the domain slice, which the choice compares candidates on (a pretrained
+model that does not know the domain is the slowest to decode there: it runs on to the token limit).
 
 The rule (``choose``): for each candidate, Δguard = CER(candidate) − CER(pretrained) on the guard set with its
 paired-bootstrap 95 % interval (common.core.bootstrap). A candidate **passes** when the upper end of that
@@ -25,8 +27,8 @@ interval is ≤ ``guard_tolerance`` CER points: with 97.5 % confidence it is no 
 ``closest`` keeps the candidate with the lowest upper end (the least evidence of forgetting) and says so in
 the log, plan.json and the report; ``pretrained`` writes the pretrained weights as final/.
 
-Cost: each candidate and the pretrained model decode both sets once (CPU: about 0.2–0.5 s per clip for
-whisper-base on two cores; the stage logs the measured seconds in guard.json).
+Cost: each candidate decodes both sets once, the pretrained model the guard set; guard.json records the seconds
+per model (whisper-base on a busy 2-core CPU: 3–8 s per clip; on a GPU a small fraction of that).
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ def choose(pretrained: Scored, candidates: Sequence[Scored], domain_chars: Seque
     verdicts = []
     for c in candidates:
         g = paired_cer_difference(pretrained.guard_errors, c.guard_errors, guard_chars)
-        d = paired_cer_difference(pretrained.domain_errors, c.domain_errors, domain_chars)
+        d = (paired_cer_difference(pretrained.domain_errors, c.domain_errors, domain_chars)
+             if pretrained.domain_errors else None)  # the pretrained model is not decoded on the slice
         passes = g is not None and g.high <= tol
         if g is None:
             reason = "no guard utterance scored"
@@ -155,7 +158,7 @@ def choose(pretrained: Scored, candidates: Sequence[Scored], domain_chars: Seque
                                 _cer(c.guard_errors, guard_chars), g, d, passes, reason, c.params))
     order = {v.name: i for i, v in enumerate(verdicts)}
     passing = [v for v in verdicts if v.passes]
-    pre = {"domain_cer": _cer(pretrained.domain_errors, domain_chars),
+    pre = {"domain_cer": _cer(pretrained.domain_errors, domain_chars) if pretrained.domain_errors else None,
            "guard_cer": _cer(pretrained.guard_errors, guard_chars),
            "domain_utterances": len(domain_chars), "guard_utterances": len(guard_chars)}
     inf = float("inf")
@@ -233,7 +236,7 @@ def score_models(family: Any, models: Sequence[tuple[str, Path]], domain: Sequen
         t0 = time.perf_counter()
         engine, used = family.open_engine(folder, request)
         result: dict[str, Any] = {}
-        for set_name, utts in ((DOMAIN, domain), (GUARD, guard)):
+        for set_name, utts in ((DOMAIN, [] if name == PRETRAINED else domain), (GUARD, guard)):
             errors, chars, rows = _errors(engine, utts, batch) if utts else ([], [], [])
             result[set_name] = {"errors": errors, "chars": chars, "rows": rows}
         del engine
@@ -270,7 +273,8 @@ def run_guard(family: Any, candidates: Sequence[Candidate], pretrained_dir: Path
             Scored(PRETRAINED, "the pretrained model", pre[DOMAIN]["errors"], pre[GUARD]["errors"]),
             [Scored(c.name, c.description, scored[c.name][DOMAIN]["errors"], scored[c.name][GUARD]["errors"],
                     c.params) for c in candidates],
-            pre[DOMAIN]["chars"], pre[GUARD]["chars"], settings.guard_tolerance, settings.guard_fallback)
+            scored[candidates[0].name][DOMAIN]["chars"] if candidates else [], pre[GUARD]["chars"],
+            settings.guard_tolerance, settings.guard_fallback)
         if choice.chosen == PRETRAINED:
             with atomic_dir(final_dir) as tmp:
                 for p in pretrained_dir.iterdir():
