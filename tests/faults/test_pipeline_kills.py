@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -96,10 +95,11 @@ def reference(tmp_path_factory):
     runs = root / "ref" / "runs"
     cfg = pipeline_config(root, model, runs)
     trace = root / "trace.txt"
-    done = run_module("jobs.run", ["--config", str(cfg)], ASRFT_FAULT_TRACE=str(trace))
+    cache = root / "cache"  # cold, as each case's is
+    done = run_module("jobs.run", ["--config", str(cfg)], ASRFT_FAULT_TRACE=str(trace), ASRFT_CACHE=str(cache))
     assert done.returncode == 0, done.stderr[-3000:]
     points = Counter(line for line in trace.read_text().splitlines() if "/" in line)
-    return root, model, runs, os.environ["ASRFT_CACHE"], points
+    return root, model, runs, str(cache), points
 
 
 def kill_and_rerun(root: Path, model: Path, ref_runs: Path, ref_cache: str, case: Path, stage: str, name: str,
