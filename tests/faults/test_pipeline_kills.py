@@ -124,7 +124,9 @@ def kill_and_rerun(root: Path, model: Path, ref_runs: Path, ref_cache: str, case
         rerun = subprocess.run(cmd, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=600)
         if rerun.returncode != 0:
             return f"re-run failed: {rerun.stderr[-1500:]}"
-        got = stage_result(runs / "k" / stage, {str(runs): "<runs>", str(case / "cache"): "<cache>"})
+        # (records copied from the reference's upstream stages name the reference's folder)
+        got = stage_result(runs / "k" / stage, {str(runs): "<runs>", str(ref_runs): "<runs>",
+                                                str(case / "cache"): "<cache>"})
         want = stage_result(ref_runs / "k" / stage, {str(ref_runs): "<runs>", ref_cache: "<cache>"})
         if got != want:
             return f"re-run differs from the reference in {sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))}"
