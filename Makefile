@@ -39,8 +39,9 @@ test: setup ## run the fast test suite (unit + integration; < 10 min on 2 cores)
 test-slow: setup ## run the slow tests too
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "slow" --durations=15
 
+FAULTS_ARGS ?=
 test-faults: setup ## the whole fault matrix (tests/faults: kill -9 at every publish point, SIGTERM, S3 outages, locks)
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "slow or not slow" tests/faults --durations=10
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "slow or not slow" tests/faults --durations=10 $(FAULTS_ARGS)
 
 test-gpu: setup ## GPU tests (on a CUDA machine): pytest -m gpu tests/gpu
 	$(BIN)/pytest -q -m gpu tests/gpu

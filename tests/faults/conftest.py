@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))  # the tiny-model helpers of the integration tests
+sys.path.insert(1, str(REPO / "tests" / "unit"))  # ... and of the unit tests
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -96,10 +95,11 @@ def reference(tmp_path_factory):
     runs = root / "ref" / "runs"
     cfg = pipeline_config(root, model, runs)
     trace = root / "trace.txt"
-    done = run_module("jobs.run", ["--config", str(cfg)], ASRFT_FAULT_TRACE=str(trace))
+    cache = root / "cache"  # cold, as each case's is
+    done = run_module("jobs.run", ["--config", str(cfg)], ASRFT_FAULT_TRACE=str(trace), ASRFT_CACHE=str(cache))
     assert done.returncode == 0, done.stderr[-3000:]
     points = Counter(line for line in trace.read_text().splitlines() if "/" in line)
-    return root, model, runs, os.environ["ASRFT_CACHE"], points
+    return root, model, runs, str(cache), points
 
 
 def kill_and_rerun(root: Path, model: Path, ref_runs: Path, ref_cache: str, case: Path, stage: str, name: str,
@@ -124,7 +124,9 @@ def kill_and_rerun(root: Path, model: Path, ref_runs: Path, ref_cache: str, case
         rerun = subprocess.run(cmd, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=600)
         if rerun.returncode != 0:
             return f"re-run failed: {rerun.stderr[-1500:]}"
-        got = stage_result(runs / "k" / stage, {str(runs): "<runs>", str(case / "cache"): "<cache>"})
+        # (records copied from the reference's upstream stages name the reference's folder)
+        got = stage_result(runs / "k" / stage, {str(runs): "<runs>", str(ref_runs): "<runs>",
+                                                str(case / "cache"): "<cache>"})
         want = stage_result(ref_runs / "k" / stage, {str(ref_runs): "<runs>", ref_cache: "<cache>"})
         if got != want:
             return f"re-run differs from the reference in {sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))}"
