@@ -2,7 +2,7 @@
 
 ``s3_server``: a real S3-compatible server process (moto's ``moto_server``, from ``moto[server]``) on
 127.0.0.1 with a free port, started once per test session; yields its endpoint URL. moto accepts any
-credentials: pass :data:`S3_TEST_CREDENTIALS` (or the matching ``--s3-*`` flags) to clients and stages.
+credentials: pass :data:`testkit.S3_TEST_CREDENTIALS` (or the matching ``--s3-*`` flags) to clients and stages.
 Each test should create its own bucket (e.g. named after the test) so tests do not see each other's objects.
 
 ``real_zh_dev``: the folder of a real Mandarin dev set (``transcripts.csv`` with columns audio_id,text +
@@ -18,7 +18,6 @@ layout, they fail.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hugging Face hub in tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-S3_TEST_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
+from testkit import free_port as _free_port  # noqa: E402
+
 S3_SERVER_START_TIMEOUT = 30.0  # seconds; moto_server starts in ~1-2 s on an idle machine
 REAL_ZH_DEV_ENV = "ASRFT_REAL_ZH_DEV"  # the variable jobs/run/demo.yaml reads the real Mandarin dev set from
 REAL_ZH_DEV2_ENV = "ASRFT_REAL_ZH_DEV2"  # general speech for the demo's forgetting guard (its guard split)
@@ -62,12 +62,6 @@ def real_zh_dev2() -> Path:
     if not ((root / "transcripts.csv").is_file() and (root / "audio").is_dir()):
         pytest.fail(f"{REAL_ZH_DEV2_ENV}={value}: expected a folder holding transcripts.csv (audio_id,text) and audio/")
     return root
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_serving(url: str, proc: subprocess.Popen, deadline: float, log_path) -> None:

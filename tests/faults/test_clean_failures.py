@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from conftest import run_module
+from faultkit import run_module
 from test_finetune import write_clips
 
 from common.core.stage import EXIT_FAILED, MANIFEST

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_module
+from faultkit import run_module
 from test_finetune import finetune_args, prepared_run
 
 from common.core.stage import MANIFEST

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, child_env, run_module
+from faultkit import REPO, child_env, run_module
 
 from common.core.registry import pipeline_steps
 from common.core.registry import stage as stage_info

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import REPO, child_env, run_module
+from faultkit import REPO, child_env, run_module
 
 from common.core.runlock import LOCAL_LOCK, S3_LEASE, RunLocked, _S3Lease, run_lock
 from common.core.settings import S3Settings

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, child_env
+from faultkit import REPO, child_env
 from test_run_lock import wait_stopped
 
 from common.training import checkpoints as ckpts

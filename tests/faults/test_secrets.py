@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import boto3
 import pytest
-from conftest import run_module
+from faultkit import run_module
 
 SECRETS = {
     "ASRFT_S3__ACCESS_KEY_ID": "AKIAFAKEACCESSKEY123",

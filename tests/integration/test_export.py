@@ -150,7 +150,7 @@ def test_pretrained_from_a_ctranslate2_folder(tmp_path: Path, tiny_hf: Path) -> 
 
 def test_pretrained_from_s3(tmp_path: Path, tiny_hf: Path, s3_server: str) -> None:
     import boto3
-    from conftest import S3_TEST_CREDENTIALS
+    from testkit import S3_TEST_CREDENTIALS
 
     s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
                       region_name=S3_TEST_CREDENTIALS["region"])

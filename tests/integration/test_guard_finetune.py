@@ -10,8 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from tests.integration.test_finetune import N_TEST, finetune_args, prepared_run, write_clips
+from test_finetune import N_TEST, finetune_args, prepared_run, write_clips
 
 
 @pytest.fixture(autouse=True)

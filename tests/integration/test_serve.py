@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import _free_port
 from long_recording import SR, espeak_clips
 from test_evaluate import save_tiny_whisper
+from testkit import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[2]
 N_CLIPS = 5

@@ -110,7 +110,7 @@ def test_folders_globs_and_stdout(tiny, recording, tmp_path, capsys):
 
 
 def test_s3_inputs(tiny, recording, tmp_path, s3_server):
-    from conftest import S3_TEST_CREDENTIALS
+    from testkit import S3_TEST_CREDENTIALS
 
     from common.core.settings import S3Settings
     from common.core.store import make_s3_client
