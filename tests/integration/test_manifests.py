@@ -207,6 +207,12 @@ def malformed(kind: str, audio: Path, where: Path) -> tuple[Path, list[str]]:
             f.write("piped sox in.wav -t wav - |\nark /data/feats.ark:1234\nnotext /x.wav\n")
         with open(manifest / "text", "a", encoding="utf-8") as f:
             f.write("piped 管道\nark 归档\nnowav 没有音频\n")
+    elif kind == "tsv":
+        with open(manifest, "a", encoding="utf-8") as f:
+            f.write("extra\t你好\t世界\n../utt1.wav\t向上\n")
+    elif kind == "audiofolder":  # paths relative to the folder: a missing file, one outside it
+        with open(manifest / "metadata.csv", "a", encoding="utf-8") as f:
+            f.write("gone.wav,没有\n../outside.wav,外面\n")
     elif kind == "gbk_csv":  # one GBK line in a UTF-8 file: that line only
         manifest.write_bytes(csv_text(",").encode("utf-8") + "bad,坏行\n".encode("gbk"))
     return manifest, flags
@@ -218,6 +224,8 @@ EXPECTED = {  # kind → sorted (line, reason)
     "funasr": [(6, "missing_file"), (7, "malformed_row")],
     "kaldi": [(6, "kaldi_command"), (7, "kaldi_command"), (8, "empty_text"), (8, "missing_file")],
     "gbk_csv": [(7, "malformed_row")],
+    "tsv": [(7, "malformed_row"), (8, "path_escape")],
+    "audiofolder": [(7, "missing_file"), (8, "path_escape")],
 }
 
 
