@@ -42,8 +42,10 @@ import unicodedata
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Annotated
 
 import opencc
+from pydantic import AfterValidator
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,19 @@ class TextPolicy:
 
 
 DEFAULT_POLICY = TextPolicy()
+
+
+def _policy_spec(value: str) -> str:
+    return TextPolicy.parse(value).spec()
+
+
+# The ``text_norm`` setting of every stage that makes training targets or scores (extract, evaluate, score): a
+# policy spec, checked and written in its canonical form.
+TextNormSpec = Annotated[str, AfterValidator(_policy_spec)]
+TEXT_NORM_HELP = ("text normalization, the same for training targets (extract) and scoring (evaluate, score): "
+                  "default (every step), none, or a comma list of fullwidth, simplified, lowercase, punctuation, "
+                  "numbers (Chinese numerals → digits, scoring only)")
+TEXT_NORM_EXAMPLES = ["default", "fullwidth,simplified,punctuation"]
 
 
 @functools.cache

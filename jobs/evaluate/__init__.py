@@ -64,6 +64,7 @@ from common.core.records import audio_location, iter_jsonl, transcript
 from common.core.settings import StageSettings
 from common.core.stage import StageContext, StageFailed, stage_dir, upstream_fingerprint
 from common.core.store import Store, atomic_write_bytes, sha256_file
+from common.core.text import TEXT_NORM_EXAMPLES, TEXT_NORM_HELP, TextNormSpec
 from common.core.transcribe import Utterance, transcribe_utterances
 from common.families import (
     DEFAULT_FAMILY,
@@ -198,18 +199,7 @@ class EvaluateSettings(StageSettings):
     batch_size: int = Field(0, ge=0, description="utterances per batch (0 = 8 on CPU, 32 on GPU)")
     threads: int = Field(0, ge=0, description="CPU threads for CTranslate2 (0 = every core this process may use)")
     title: str = Field("ASR evaluation · 语音识别评估", description="report title")
-    text_norm: str = Field(
-        "default", description="text normalization, the same for training targets (extract) and scoring "
-                               "(evaluate, score): default (every step), none, or a comma list of fullwidth, "
-                               "simplified, lowercase, punctuation, numbers (Chinese numerals → digits, scoring "
-                               "only)", examples=["default", "fullwidth,simplified,punctuation"])
-
-    @field_validator("text_norm")
-    @classmethod
-    def _text_norm(cls, value: str) -> str:
-        from common.core.text import TextPolicy
-
-        return TextPolicy.parse(value).spec()
+    text_norm: TextNormSpec = Field("default", description=TEXT_NORM_HELP, examples=TEXT_NORM_EXAMPLES)
 
     @field_validator("model")
     @classmethod

@@ -33,14 +33,14 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from common.core.records import read_jsonl, transcript, write_jsonl
 from common.core.settings import StageSettings
 from common.core.stage import StageContext, StageFailed, upstream_fingerprint
 from common.core.store import Store, atomic_write_bytes
-from common.core.text import TextPolicy, training_target
+from common.core.text import TEXT_NORM_EXAMPLES, TEXT_NORM_HELP, TextNormSpec, TextPolicy, training_target
 from common.families import DEFAULT_FAMILY, FamilyError, ModelFamily, family_of_pretrained, get_family
 
 log = logging.getLogger(__name__)
@@ -69,18 +69,7 @@ class ExtractSettings(StageSettings):
     family: str = Field(DEFAULT_FAMILY, description="model family of --model-dir (the run's pretrained stage "
                         "records its own)", examples=["whisper"])
     shard_rows: int = Field(256, ge=1, description="clips per cache shard file", examples=[256])
-    text_norm: str = Field(
-        "default", description="text normalization, the same for training targets (extract) and scoring "
-                               "(evaluate, score): default (every step), none, or a comma list of fullwidth, "
-                               "simplified, lowercase, punctuation, numbers (Chinese numerals → digits, scoring "
-                               "only)", examples=["default", "fullwidth,simplified,punctuation"])
-
-    @field_validator("text_norm")
-    @classmethod
-    def _text_norm(cls, value: str) -> str:
-        from common.core.text import TextPolicy
-
-        return TextPolicy.parse(value).spec()
+    text_norm: TextNormSpec = Field("default", description=TEXT_NORM_HELP, examples=TEXT_NORM_EXAMPLES)
 
 
 def normalized_targets(records: list[dict], policy: TextPolicy) -> list[dict]:

@@ -20,6 +20,7 @@ from pydantic_settings import SettingsConfigDict
 from common.core.settings import StageSettings
 from common.core.stage import StageContext, StageFailed
 from common.core.store import sha256_file
+from common.core.text import TEXT_NORM_EXAMPLES, TEXT_NORM_HELP, TextNormSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +36,7 @@ class ScoreSettings(StageSettings):
         examples=["runs/demo/evaluate/predictions.jsonl", "other-system.jsonl"],
     )
     title: str = Field("ASR scoring · 语音识别打分", description="report title")
-    text_norm: str = Field(
-        "default", description="text normalization, the same for training targets (extract) and scoring "
-                               "(evaluate, score): default (every step), none, or a comma list of fullwidth, "
-                               "simplified, lowercase, punctuation, numbers (Chinese numerals → digits, scoring "
-                               "only)", examples=["default", "fullwidth,simplified,punctuation"])
-
-    @field_validator("text_norm")
-    @classmethod
-    def _text_norm(cls, value: str) -> str:
-        from common.core.text import TextPolicy
-
-        return TextPolicy.parse(value).spec()
+    text_norm: TextNormSpec = Field("default", description=TEXT_NORM_HELP, examples=TEXT_NORM_EXAMPLES)
 
     @field_validator("predictions", mode="before")
     @classmethod
