@@ -127,3 +127,39 @@ def open_model(settings: DecodingSettings) -> Loaded:
     log.info("model %s (%s family) on %s: %s, batches of %d, loaded in %.1f s", settings.model, family.name, device,
              used.get("backend") or engine.info.get("backend"), batch_size, info["load_seconds"])
     return Loaded(engine, family.name, device, batch_size, info)
+
+
+def command_main(name: str, settings_cls: type, body: Any, doc: str, examples: str, argv: list[str] | None,
+                 audio: bool = False) -> int:
+    """``asr-ft NAME MODEL [AUDIO…]`` (transcribe, serve): flags and environment as for the stages, MODEL (and,
+    with ``audio``, recordings) also as positional arguments; bad settings or a StageFailed end as one message
+    and the stage contract's exit code."""
+    import sys
+
+    from common.core.settings import SettingsError, build_parser, load_settings
+    from common.core.stage import EXIT_BAD_INPUT, fail, setup_logging
+
+    title, _, rest = doc.strip().partition("\n")
+    parser = build_parser(settings_cls, prog=f"asr-ft {name}", description=title + "\n" + rest, epilog=examples)
+    parser.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model (or --model)")
+    if audio:
+        parser.add_argument("audio_args", nargs="*", metavar="AUDIO", help="recordings (or --audio)")
+    ns = vars(parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv))
+    config = ns.pop("config", None)
+    model = ns.pop("model_arg", None)
+    if model:
+        ns["model"] = model
+    positional = ns.pop("audio_args", None) or []
+    if positional:
+        ns["audio"] = [*ns.get("audio", []), *positional]
+    try:
+        settings = load_settings(settings_cls, ns, config)
+    except SettingsError as e:
+        setup_logging("INFO")
+        print(f"asr-ft {name}: {e}", file=sys.stderr)
+        return fail(name, str(e), EXIT_BAD_INPUT)
+    setup_logging(settings.log_level)
+    try:
+        return body(settings)
+    except StageFailed as e:
+        return fail(name, str(e), e.exit_code)

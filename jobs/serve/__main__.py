@@ -27,29 +27,10 @@ EXAMPLES = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.core.settings import SettingsError, build_parser, load_settings
-    from common.core.stage import EXIT_BAD_INPUT, StageFailed, fail, setup_logging
+    from common.core.inference import command_main
     from jobs.serve import ServeSettings, serve
 
-    title, _, rest = __doc__.strip().partition("\n")
-    parser = build_parser(ServeSettings, prog="asr-ft serve", description=title + "\n" + rest, epilog=EXAMPLES)
-    parser.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model (or --model)")
-    ns = vars(parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv))
-    config = ns.pop("config", None)
-    if ns.get("model_arg"):
-        ns["model"] = ns["model_arg"]
-    ns.pop("model_arg", None)
-    try:
-        settings = load_settings(ServeSettings, ns, config)
-    except SettingsError as e:
-        setup_logging("INFO")
-        print(f"asr-ft serve: {e}", file=sys.stderr)
-        return fail("serve", str(e), EXIT_BAD_INPUT)
-    setup_logging(settings.log_level)
-    try:
-        return serve(settings)
-    except StageFailed as e:
-        return fail("serve", str(e), e.exit_code)
+    return command_main("serve", ServeSettings, serve, __doc__, EXAMPLES, argv)
 
 
 if __name__ == "__main__":

@@ -32,34 +32,10 @@ EXAMPLES = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.core.settings import SettingsError, build_parser, load_settings
-    from common.core.stage import EXIT_BAD_INPUT, StageFailed, fail, setup_logging
+    from common.core.inference import command_main
     from jobs.transcribe import TranscribeSettings, transcribe
 
-    title, _, rest = __doc__.strip().partition("\n")
-    parser = build_parser(TranscribeSettings, prog="asr-ft transcribe", description=title + "\n" + rest,
-                          epilog=EXAMPLES)
-    parser.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model (or --model)")
-    parser.add_argument("audio_args", nargs="*", metavar="AUDIO", help="recordings (or --audio)")
-    ns = vars(parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv))
-    config = ns.pop("config", None)
-    if ns.get("model_arg"):
-        ns["model"] = ns.pop("model_arg")
-    ns.pop("model_arg", None)
-    positional = ns.pop("audio_args", None) or []
-    if positional:
-        ns["audio"] = [*ns.get("audio", []), *positional]
-    try:
-        settings = load_settings(TranscribeSettings, ns, config)
-    except SettingsError as e:
-        setup_logging("INFO")
-        print(f"asr-ft transcribe: {e}", file=sys.stderr)
-        return fail("transcribe", str(e), EXIT_BAD_INPUT)
-    setup_logging(settings.log_level)
-    try:
-        return transcribe(settings)
-    except StageFailed as e:
-        return fail("transcribe", str(e), e.exit_code)
+    return command_main("transcribe", TranscribeSettings, transcribe, __doc__, EXAMPLES, argv, audio=True)
 
 
 if __name__ == "__main__":
