@@ -38,30 +38,29 @@ REAL_ZH_DEV_ENV = "ASRFT_REAL_ZH_DEV"  # the variable jobs/run/demo.yaml reads t
 REAL_ZH_DEV2_ENV = "ASRFT_REAL_ZH_DEV2"  # general speech for the demo's forgetting guard (its guard split)
 
 
-@pytest.fixture(scope="session")
-def real_zh_dev() -> Path:
-    """The real Mandarin dev set's folder, from $ASRFT_REAL_ZH_DEV; the test is skipped when it is unset."""
-    value = os.environ.get(REAL_ZH_DEV_ENV)
+def _speech_folder(env: str) -> Path:
+    """A real speech folder named by ``env`` (transcripts.csv + audio/, kept outside the repository); the test is
+    skipped when the variable is unset (`.ci/run` sets it from the workplace's data), fails when it is wrong."""
+    value = os.environ.get(env)
     if not value:
-        pytest.skip(f"needs real Mandarin speech: set {REAL_ZH_DEV_ENV} to a folder holding transcripts.csv "
+        pytest.skip(f"needs real Mandarin speech: set {env} to a folder holding transcripts.csv "
                     "(audio_id,text) and audio/")
     root = Path(value).expanduser()
     if not ((root / "transcripts.csv").is_file() and (root / "audio").is_dir()):
-        pytest.fail(f"{REAL_ZH_DEV_ENV}={value}: expected a folder holding transcripts.csv (audio_id,text) and audio/")
+        pytest.fail(f"{env}={value}: expected a folder holding transcripts.csv (audio_id,text) and audio/")
     return root
+
+
+@pytest.fixture(scope="session")
+def real_zh_dev() -> Path:
+    """The real Mandarin dev set's folder, from $ASRFT_REAL_ZH_DEV."""
+    return _speech_folder(REAL_ZH_DEV_ENV)
 
 
 @pytest.fixture(scope="session")
 def real_zh_dev2() -> Path:
     """The second real Mandarin dev set (the demo's guard split comes from it), from $ASRFT_REAL_ZH_DEV2."""
-    value = os.environ.get(REAL_ZH_DEV2_ENV)
-    if not value:
-        pytest.skip(f"needs real Mandarin speech: set {REAL_ZH_DEV2_ENV} to a folder holding transcripts.csv "
-                    "(audio_id,text) and audio/")
-    root = Path(value).expanduser()
-    if not ((root / "transcripts.csv").is_file() and (root / "audio").is_dir()):
-        pytest.fail(f"{REAL_ZH_DEV2_ENV}={value}: expected a folder holding transcripts.csv (audio_id,text) and audio/")
-    return root
+    return _speech_folder(REAL_ZH_DEV2_ENV)
 
 
 def _wait_until_serving(url: str, proc: subprocess.Popen, deadline: float, log_path) -> None:
