@@ -529,7 +529,13 @@ def timed_run(trainee: Any, the_plan: Any, batches: list[list[dict[str, Any]]], 
         def on_step_end(self, args, state, control, **kw):
             _sync()
             stamps.append(time.perf_counter())
-            per_step.append(counter.take())
+            taken = counter.take()
+            if cuda:  # the allocator's own work in the step: segments mapped or freed, reserved memory after it
+                stats = torch.cuda.memory_stats()
+                taken["device_allocs"] = stats.get("num_device_alloc", 0)
+                taken["device_frees"] = stats.get("num_device_free", 0)
+                taken["reserved_gb"] = stats.get("reserved_bytes.all.current", 0) / 1e9
+            per_step.append(taken)
             if self.prof is not None and state.global_step == total:
                 self.prof.__exit__(None, None, None)
                 profiled.update(profile_summary(self.prof, cuda))
@@ -562,6 +568,8 @@ def timed_run(trainee: Any, the_plan: Any, batches: list[list[dict[str, Any]]], 
             trainer.accelerator.free_memory()
         trainee.__dict__.pop("forward", None)  # accelerate wraps the forward of the model it prepares
         trainee.__dict__.pop("_original_forward", None)
+        # and marks it prepared: the next Trainer would then skip wrapping it in autocast
+        trainee.__dict__.pop("_is_accelerate_prepared", None)
     memory = gpu_stats(context_bytes)
     if cuda:  # the caching allocator freed its cache and retried a cudaMalloc: a stall of the step it hit
         memory["cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
@@ -598,6 +606,13 @@ def timed_run(trainee: Any, the_plan: Any, batches: list[list[dict[str, Any]]], 
         "llm_tokens_per_s_median": round(statistics.median(t / s for t, s in zip(tokens, timed, strict=True)), 1),
         "llm_tokens_per_step": [int(t) for t in tokens],
         "padded_positions_per_step": [int(s["positions"]) for s in timed_stats],
+        **({"allocator_per_step": {
+            "segments_mapped": [int(b["device_allocs"] - a["device_allocs"])
+                                for a, b in zip(per_step[warmup - 1:], timed_stats, strict=False)],
+            "segments_freed": [int(b["device_frees"] - a["device_frees"])
+                               for a, b in zip(per_step[warmup - 1:], timed_stats, strict=False)],
+            "reserved_gb_after": [round(s["reserved_gb"], 2) for s in timed_stats]}}
+           if cuda and warmup > 0 else {}),
         "padding_fraction": round(1 - sum(tokens) / sum(s["positions"] for s in timed_stats), 4),
         "model_tflops_per_s": round(sum(flops) / sum(timed) / 1e12, 1),
         "losses": [round(s.get("loss", float("nan")), 4) for s in per_step],
@@ -878,10 +893,10 @@ def prepare(a: argparse.Namespace, report: dict[str, Any], save) -> dict[str, An
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    if cuda:  # as the finetune stage does before its model reaches the GPU
-        from common.training.trainer import expandable_segments
+    if cuda:  # the allocator as the finetune stage leaves it (PyTorch's default unless the environment says)
+        from common.training.trainer import allocator_decision
 
-        on, why = expandable_segments()
+        on, why = allocator_decision()
         report["cuda_allocator"] = {"expandable_segments": on, "why": why,
                                     "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     config = STANDIN_CONFIG if a.tiny else KIMI_AUDIO_7B
@@ -1068,9 +1083,12 @@ def notes(report: dict[str, Any], tiny: bool) -> list[str]:
                     + (f" (MFU {llm['model_tflops_per_s'] / peak:.1%} of {peak:.0f} dense bf16)" if peak and not tiny
                        else "")
                     + f"; padding {llm['padding_fraction']:.1%} of positions")
-            if "encoder_share_of_step" in entry:
+            if entry.get("encoder_share_of_step", -1) > 0:
                 line += (f"; the encoder forward in the step takes {entry['encoder_share_of_step']:.0%} of it "
                          f"({enc['llm_tokens_per_s']} tokens/s with it)")
+            elif "encoder_share_of_step" in entry:
+                line += (f"; the encoder forward in the step costs less than the spread between runs "
+                         f"({enc['llm_tokens_per_s']} tokens/s with it; that case runs second, on a warm GPU)")
             out.append(line)
     fp = report.get("encoder", {}).get("stage_feature_path")
     if fp:
@@ -1102,8 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baseline", action="store_true",
                     help="measure without the stage's step-time measures (peft's fp32 cast of adapter inputs kept, "
-                         "no gc.freeze) for a side-by-side ratio; set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False "
-                         "as well to leave the allocator as it was")
+                         "no gc.freeze) for a side-by-side ratio")
     ap.add_argument("--tiny", action="store_true",
                     help="the stand-in's shape on the CPU: a smoke test of the harness")
     a = ap.parse_args(argv)

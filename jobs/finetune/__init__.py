@@ -353,9 +353,9 @@ def train_rank(ctx: StageContext, job: RankJob) -> dict[str, Any]:
     train_ex, eval_ex = _holdout(examples, the_plan.eval_holdout, s.seed)
     allocator = None
     if str(the_plan.device).startswith("cuda"):
-        from common.training.trainer import expandable_segments
+        from common.training.trainer import allocator_decision
 
-        allocator = expandable_segments()  # before the first weight reaches the GPU
+        allocator = allocator_decision()
     trainee = family.trainee(model_dir, the_plan, values)
     trainable = sum(p.numel() for p in trainee.parameters() if p.requires_grad)
     trainee.to(the_plan.device)
