@@ -716,6 +716,14 @@ def eval_loss(trainee: Any, batch: dict[str, Any], precision: str) -> float:
     return float(loss)
 
 
+def case_steps(a: argparse.Namespace, case: str) -> tuple[int, int]:
+    """(warm-up, timed) optimizer steps of a case: batch 1 may take fewer (each of its steps is 16 micro-batches)."""
+    if case == "batch_1":
+        return (a.warmup_steps if a.batch1_warmup_steps is None else a.batch1_warmup_steps,
+                a.steps if a.batch1_steps is None else a.batch1_steps)
+    return a.warmup_steps, a.steps
+
+
 def run_variant(name: str, ctx: dict[str, Any], a: argparse.Namespace, report: dict[str, Any], save) -> None:
     import torch
 
@@ -779,9 +787,10 @@ def run_variant(name: str, ctx: dict[str, Any], a: argparse.Namespace, report: d
             try:
                 if use_encoder:
                     encoder = ctx["encoder"].to(device)
-                n_micro = (a.warmup_steps + a.steps + profile_steps) * the_plan.grad_accum
+                warmup, steps = case_steps(a, case)
+                n_micro = (warmup + steps + profile_steps) * the_plan.grad_accum
                 entry[timing_name] = timed_run(
-                    trainee, the_plan, items[:n_micro], warmup=a.warmup_steps, steps=a.steps, encoder=encoder,
+                    trainee, the_plan, items[:n_micro], warmup=warmup, steps=steps, encoder=encoder,
                     profile_steps=profile_steps, work_dir=ctx["work_dir"] / f"{name}-{case}-{timing_name}",
                     context_bytes=ctx["context_bytes"], rss=ctx["rss"], config=config)
             except Exception as e:  # one failing case (e.g. out of memory) must not lose the others
@@ -963,7 +972,7 @@ def prepare(a: argparse.Namespace, report: dict[str, Any], save) -> dict[str, An
     for name, plans in ctx["plans"].items():
         for case, p in plans.items():
             extra = a.profile_steps if a.profile and case == "plan_batch" else 0
-            n_micro = (a.warmup_steps + a.steps + extra) * p.grad_accum
+            n_micro = (sum(case_steps(a, case)) + extra) * p.grad_accum
             batches = case_batches(lengths, p.per_device_batch, n_micro, a.seed)
             ctx["batches"][(name, case)] = batches
             needed.update(i for b in batches for i in b)
@@ -1111,6 +1120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     ap.add_argument("--warmup-steps", type=int, help="untimed optimizer steps first [3; --tiny: 1]")
     ap.add_argument("--steps", type=int, help="timed optimizer steps per case [8; --tiny: 2]")
+    ap.add_argument("--batch1-warmup-steps", type=int, help="untimed steps of the batch-1 case [--warmup-steps]")
+    ap.add_argument("--batch1-steps", type=int, help="timed steps of the batch-1 case [--steps]")
     ap.add_argument("--n-clips", type=int, help="clips in the data set the plan is made for [1000; --tiny: 200]")
     ap.add_argument("--profile", action="store_true", help="torch.profiler top operators over extra steps of the "
                                                            "planner-batch llm_only case of each variant")
@@ -1155,7 +1166,9 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": a.baseline,
         "versions": versions(),
         "settings": {},
-        "timing": {"warmup_steps": a.warmup_steps, "timed_steps": a.steps, "statistic": "median optimizer-step "
+        "timing": {"warmup_steps": a.warmup_steps, "timed_steps": a.steps,
+                   "batch_1": dict(zip(("warmup_steps", "timed_steps"), case_steps(a, "batch_1"), strict=True)),
+                   "statistic": "median optimizer-step "
                    "time (interval between the Trainer's on_step_end callbacks, GPU synchronized, data loading "
                    "included)", "llm_tokens": "non-padding positions through the LLM (attention_mask sum); "
                    "llm_tokens_per_s = timed tokens / timed seconds",
