@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -169,15 +170,33 @@ def choose(pretrained: Scored, candidates: Sequence[Scored], domain_chars: Seque
                   f"guard-set CER is, with 95 % confidence, at most {tolerance_points:g} point(s) worse than the "
                   f"pretrained model's")
         return Choice(best.name, True, reason, tolerance_points, verdicts, pre)
+    small = too_small(verdicts, tolerance_points)
     if fallback == "pretrained":
         return Choice(PRETRAINED, False, f"no candidate meets the guard tolerance of {tolerance_points:g} point(s); "
-                      "guard_fallback=pretrained: final/ holds the pretrained weights", tolerance_points, verdicts, pre)
+                      "guard_fallback=pretrained: final/ holds the pretrained weights" + small, tolerance_points, verdicts, pre)
     closest = min(verdicts, key=lambda v: (inf if v.guard_delta is None else v.guard_delta.high, order[v.name]))
     return Choice(closest.name, False, (
         f"no candidate meets the guard tolerance of {tolerance_points:g} point(s); guard_fallback=closest: kept "
         f"{closest.name}, the one with the least evidence of forgetting ({closest.reason}). Expect it to be worse "
         "on general speech: use more or more varied training data, fewer epochs or a lower learning rate, or "
-        "accept a larger tolerance"), tolerance_points, verdicts, pre)
+        "accept a larger tolerance") + small, tolerance_points, verdicts, pre)
+
+
+def too_small(verdicts: Sequence[Verdict], tolerance_points: float) -> str:
+    """A sentence for when the guard set is too small to confirm the tolerance at all: even the narrowest
+    interval is wider on each side than the tolerance, so a candidate exactly as good as the pretrained model
+    would fail too. Says roughly how many utterances would do (intervals narrow as 1/sqrt(n)). '' otherwise."""
+    halves = [((v.guard_delta.high - v.guard_delta.low) / 2, v.guard_delta.n) for v in verdicts if v.guard_delta]
+    if not halves or tolerance_points <= 0:
+        return ""
+    half, n = min(halves)
+    tol = tolerance_points / 100
+    if half <= tol:
+        return ""
+    need = math.ceil(n * (half / tol) ** 2)
+    return (f". The guard set is too small to confirm {tolerance_points:g} point(s): its narrowest interval is "
+            f"±{100 * half:.2f} points over {n} utterances, so even a candidate exactly as good as the pretrained "
+            f"model would fail; about {need} utterances of general speech would be needed")
 
 
 # --- scoring the candidates in the stage -------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.core.stage import StageFailed
-from jobs.finetune.guard import PRETRAINED, Scored, choice_holdout_size, choose, held_aside
+from jobs.finetune.guard import PRETRAINED, Scored, choice_holdout_size, choose, held_aside, too_small
 
 N = 50
 GUARD_CHARS = [20] * N
@@ -116,3 +116,25 @@ def test_demo_guard_split_is_speaker_disjoint_from_the_check_split(real_zh_dev2)
         return i[:7] if i.startswith("SSB") else i.split("_")[0] if not i.startswith("BAC009") else i[:11]
 
     assert not {speaker(i) for i in guard} & {speaker(i) for i in check}
+
+
+def test_a_guard_set_too_small_for_the_tolerance_is_named_with_the_size_that_would_do():
+    """30 noisy guard utterances: intervals wider than ±1 point, so an unchanged candidate fails the tolerance;
+    the reason says so and names a size whose interval would fit. 300 utterances: no such sentence."""
+    rng = np.random.default_rng(1)
+
+    def case(n: int):
+        pre = list(rng.binomial(20, 0.2, n))
+        noisy = [max(0, e + int(d)) for e, d in zip(pre, rng.integers(-3, 4, n), strict=True)]  # no shift on average
+        return choose(Scored(PRETRAINED, "", [10] * 30, pre), [Scored("unchanged-ish", "", [1] * 30, noisy)],
+                      DOMAIN_CHARS, [20] * n, 1.0)
+
+    small = case(30)
+    v = small.candidates[0]
+    assert not small.met_tolerance and v.guard_delta.high - v.guard_delta.low > 0.02
+    assert "guard set is too small to confirm 1 point(s)" in small.reason
+    need = int(small.reason.split("about ")[1].split(" utterances")[0])
+    assert need > 30
+    large = case(max(need * 2, 300))
+    assert too_small(large.candidates, 1.0) == ""  # its interval fits within ±1 point
+    assert too_small(small.candidates, 1.0) and too_small(small.candidates, 5.0) == ""
