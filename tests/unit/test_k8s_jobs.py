@@ -119,7 +119,7 @@ def test_job_for_each_demo_step(step):
 
 
 @pytest.mark.parametrize("step, key, value", [
-    ("demo-data", "ASRFT_DEMO_DATA_N_TRAIN", "330"),
+    ("demo-data", "ASRFT_DEMO_DATA_N_TRAIN", "660"),
     ("prepare", "ASRFT_PREPARE_TRAIN_CSV", "demo_data/train.csv"),
     ("pretrained", "ASRFT_PRETRAINED_MODEL", "bundled:whisper-base"),
     ("export", "ASRFT_EXPORT_QUANTIZATION", "float16"),
