@@ -1114,6 +1114,24 @@ def notes(report: dict[str, Any], tiny: bool) -> list[str]:
     return out
 
 
+def shown_arg(arg: str) -> str:
+    """A command-line argument as the result JSON records it: a path inside the repository relative to it, one
+    in the device's output folder as ``$OUT/name``, any other absolute path by its name only (no machine's
+    paths in committed results)."""
+    flag, eq, value = arg.rpartition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+    if not os.path.isabs(value):
+        return arg
+    path = Path(value).resolve()
+    out_dir = os.environ.get("OUT")
+    if path.is_relative_to(REPO):
+        value = str(path.relative_to(REPO))
+    elif out_dir and path.is_relative_to(Path(out_dir).resolve()):
+        value = f"$OUT/{path.relative_to(Path(out_dir).resolve())}"
+    else:
+        value = path.name
+    return f"{flag}{eq}{value}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--out", help=f"result JSON [default: {DEFAULT_OUT.relative_to(REPO)}; --tiny: {TINY_OUT}]")
@@ -1160,8 +1178,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "h100-kimi-lora",
         "description": __doc__.split("\n\n")[0].replace("\n", " "),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "bench/h100_kimi_lora.py", *sys.argv[1:]] if argv is None
-                              else ["python", "bench/h100_kimi_lora.py", *argv]),
+        "command": shlex.join(["python", "bench/h100_kimi_lora.py",
+                               *map(shown_arg, sys.argv[1:] if argv is None else argv)]),
         "tiny_smoke_test": a.tiny,
         "baseline": a.baseline,
         "versions": versions(),

@@ -161,19 +161,26 @@ def load_trained_weights(trainee, weights: Mapping[str, Any]) -> list[str]:
     return wanted
 
 
+def _allocator_env() -> tuple[bool, str] | None:
+    """(expandable, why) when PYTORCH_CUDA_ALLOC_CONF decides the allocator's segments, else None."""
+    import os
+
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "expandable_segments" not in conf:
+        return None
+    return "expandable_segments:true" in conf.replace(" ", "").lower(), f"PYTORCH_CUDA_ALLOC_CONF={conf}"
+
+
 def expandable_segments() -> tuple[bool, str]:
     """Turn on the CUDA caching allocator's expandable segments unless PYTORCH_CUDA_ALLOC_CONF decides it;
     call before the model goes to the GPU. Near a full GPU, batches of varying length fragment fixed-size
     segments: the allocator then frees its whole cache and retries, a stall of a second or more per step.
     Returns (on, why) for the plan."""
-    import os
-
     import torch
 
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    if "expandable_segments" in conf:
-        on = "expandable_segments:true" in conf.replace(" ", "").lower()
-        return on, f"PYTORCH_CUDA_ALLOC_CONF={conf}"
+    decided = _allocator_env()
+    if decided is not None:
+        return decided
     try:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     except (AttributeError, RuntimeError) as e:  # an allocator without the option: run as it is
@@ -185,14 +192,10 @@ def expandable_segments() -> tuple[bool, str]:
 def allocator_decision() -> tuple[bool, str]:
     """The CUDA caching allocator's segments as the Trainer path runs them, for the plan: PyTorch's default
     unless PYTORCH_CUDA_ALLOC_CONF says otherwise. Returns (expandable, why)."""
-    import os
-
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    if "expandable_segments" in conf:
-        return "expandable_segments:true" in conf.replace(" ", "").lower(), f"PYTORCH_CUDA_ALLOC_CONF={conf}"
-    return False, ("PyTorch's default fixed-size segments: side by side on an H100 (Kimi-Audio LoRA, batch 16), "
-                   "expandable segments gave the same steady-state step time and no fewer allocator retries (none "
-                   "either way); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True turns them on")
+    return _allocator_env() or (
+        False, "PyTorch's default fixed-size segments: side by side on an H100 (Kimi-Audio LoRA, batch 16), "
+               "expandable segments gave the same steady-state step time and no fewer allocator retries (none "
+               "either way); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True turns them on")
 
 
 def freeze_gc() -> None:
