@@ -146,6 +146,16 @@ def join_process_group(device: str) -> None:
              dist.get_world_size(), backend, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
 
 
+def leave_process_group() -> None:
+    """Leave the world joined by ``join_process_group`` before this process exits: the process group's
+    communication threads are stopped and joined here, not torn down by the interpreter's exit (where a rank
+    that finished first could abort with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def share_from_rank_zero(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (pickled over the process group; other ranks pass None)."""
     import torch

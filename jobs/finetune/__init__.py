@@ -584,20 +584,23 @@ def run_as_rank(settings: FinetuneSettings) -> int:
     that fails fails its node with its error; the others stop when their collectives lose it."""
     import torch
 
-    from common.core.stage import EXIT_FAILED, EXIT_OK, fail, run_stage
-    from common.core.store import open_store
-    from common.training.launch import (
-        is_rank_zero,
-        join_process_group,
-        setup_worker_logging,
-        share_from_rank_zero,
-        worker_rank,
-        worker_world_size,
-    )
+    from common.training.launch import join_process_group, leave_process_group, setup_worker_logging
 
     setup_worker_logging(settings.log_level)
     device = "cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu"
     join_process_group(device)
+    try:
+        return _rank_work(settings)
+    finally:
+        leave_process_group()
+
+
+def _rank_work(settings: FinetuneSettings) -> int:
+    """run_as_rank's work once this process is in the world."""
+    from common.core.stage import EXIT_FAILED, EXIT_OK, fail, run_stage
+    from common.core.store import open_store
+    from common.training.launch import is_rank_zero, share_from_rank_zero, worker_rank, worker_world_size
+
     if is_rank_zero():
         code = run_stage(STAGE, settings, lambda store: finetune_inputs(settings, store), finetune)
         if not _shared["done"]:  # skipped (already done) or failed before training: release the others
