@@ -342,3 +342,21 @@ def test_encoder_cache_decision(policy, cacheable, epochs, free_gb, expected):
 
     decided, reason = cache_pays(policy, cacheable, epochs, 200, 1500 * 512 * 4, int(free_gb * 1e9))
     assert decided is expected and reason
+
+
+def test_lora_encoder_layers_puts_adapters_only_in_the_lowest_encoder_layers(tiny_model):
+    from common.families.whisper.trainee import ModeSpec, lora_target_names, make_trainee
+    from common.training.trainer import TrainError
+
+    model = tiny_model()  # 2 encoder layers
+    spec = ModeSpec(mode="lora", lora_r=2, lora_parts=("encoder",), lora_encoder_layers=1)
+    names = lora_target_names(model, spec)
+    assert len(names) == 6 and all(".encoder.layers.0." in n for n in names)
+    trainee = make_trainee(model, spec)
+    trainable = {n for n, p in trainee.named_parameters() if p.requires_grad}
+    assert trainable and all(".encoder.layers.0." in n and "lora_" in n for n in trainable)
+    for bad in (0, 3):  # below one layer, above the encoder's depth
+        with pytest.raises(TrainError, match="lora_encoder_layers"):
+            ModeSpec(mode="lora", lora_encoder_layers=bad).check(2)
+    with pytest.raises(TrainError, match="lora_encoder_layers=1"):  # nothing above the frozen bottom
+        ModeSpec(mode="lora", frozen_encoder_layers=1, lora_encoder_layers=1).check(2)

@@ -136,6 +136,7 @@ def trainee(model_dir: Path, plan: Plan, settings: Mapping[str, Any]) -> Any:
         lora_dropout=float(s.get("lora_dropout", 0.05)),
         lora_targets=tuple(s.get("lora_targets") or lora.targets) if lora else (),
         lora_parts=tuple(lora.parts or ("encoder", "decoder")) if lora else (),
+        lora_encoder_layers=s.get("lora_encoder_layers") if lora else None,
         label_smoothing=float(s.get("label_smoothing") or 0.0),
     )
     model = WhisperForConditionalGeneration.from_pretrained(str(model_dir), torch_dtype=torch.float32)

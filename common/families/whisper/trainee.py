@@ -77,6 +77,7 @@ class ModeSpec:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     lora_parts: tuple[str, ...] = ("encoder", "decoder")
+    lora_encoder_layers: int | None = None  # LoRA only in the encoder's lowest N layers (None: all of them)
     label_smoothing: float = 0.0
 
     def check(self, n_encoder_layers: int) -> None:
@@ -90,6 +91,12 @@ class ModeSpec:
         unknown = set(self.lora_parts) - {"encoder", "decoder"}
         if unknown:
             raise TrainError(f"lora_parts {sorted(unknown)}: expected 'encoder' and/or 'decoder'")
+        n = self.lora_encoder_layers
+        if n is not None and not self.frozen_encoder_layers < n <= n_encoder_layers:
+            raise TrainError(
+                f"lora_encoder_layers={n}: this model's encoder has {n_encoder_layers} layers and the lowest "
+                f"{self.frozen_encoder_layers} are frozen; choose {self.frozen_encoder_layers + 1}..{n_encoder_layers}"
+            )
 
     def frozen_layers(self, n_encoder_layers: int) -> int:
         return n_encoder_layers if self.mode == "freeze-encoder" else self.frozen_encoder_layers
@@ -99,16 +106,18 @@ def lora_target_names(whisper, spec: ModeSpec) -> list[str]:
     """Full module names that get LoRA, in the trainable encoder layers and the decoder layers.
 
     A target is a linear's name or a dotted suffix of its path inside a layer, optionally led by the part:
-    ``q_proj`` (every q_proj), ``encoder_attn.q_proj`` (cross-attention only), ``decoder.fc1``."""
+    ``q_proj`` (every q_proj), ``encoder_attn.q_proj`` (cross-attention only), ``decoder.fc1``. With
+    ``lora_encoder_layers`` = N, only the encoder's lowest N layers get LoRA."""
     n_enc = len(_encoder(whisper).layers)
     first = spec.frozen_layers(n_enc)
+    last = n_enc if spec.lora_encoder_layers is None else spec.lora_encoder_layers
     pattern = re.compile(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)$")
     names = []
     for name, module in whisper.named_modules():
         m = pattern.match(name)
         if not m or m.group(1) not in spec.lora_parts or not hasattr(module, "weight") or module.weight.ndim != 2:
             continue
-        if m.group(1) == "encoder" and int(m.group(2)) < first:
+        if m.group(1) == "encoder" and not first <= int(m.group(2)) < last:
             continue
         path = f".{m.group(1)}.{m.group(3)}"
         if any(path.endswith("." + t) for t in spec.lora_targets):
@@ -116,7 +125,8 @@ def lora_target_names(whisper, spec: ModeSpec) -> list[str]:
     if not names:
         raise TrainError(
             f"LoRA targets {list(spec.lora_targets)} in {list(spec.lora_parts)} match no layer above the frozen "
-            f"bottom ({first} encoder layers); check lora_targets / lora_parts / frozen_encoder_layers"
+            f"bottom ({first} encoder layers); check lora_targets / lora_parts / frozen_encoder_layers / "
+            "lora_encoder_layers"
         )
     return names
 
