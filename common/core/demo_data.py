@@ -64,11 +64,11 @@ VOICE = "cmn-latn-pinyin"  # NOT "cmn": that voice reads the tone digits as Engl
 INSTALL_HINT = "install it with `apt-get install -y espeak-ng` (Debian/Ubuntu) or `make setup`"
 
 # Variants of `espeak-ng --voices=variant` that sound like plain speech with this voice (71 of espeak-ng
-# 1.51's 102, and its default). Left out: the whisper variants (unvoiced), the novelty voices (Demonic, croak, Tweaky, UniRobot,
-# anikaRobot, announcer, fast, AnxiousAndy), those that clip on more than 0.2 % of samples (antonio, ed,
-# iven, Jacky, Marco, paul, klatt4, klatt5), and eleven held out so that the model's accuracy on voices it
-# never heard can be measured: Andy, linda, Michael (the README's check set) and adam, Alex, Annie, david,
-# Lee, Mike, steph, steph2, steph3 (development).
+# 1.51's 102, and its default). Left out: the whisper variants (unvoiced), the novelty voices (Demonic,
+# croak, Tweaky, UniRobot, anikaRobot, announcer, fast, AnxiousAndy), those that clip on more than 0.2 % of
+# samples (antonio, ed, iven, Jacky, Marco, paul, klatt4, klatt5), and eleven held out so that accuracy on
+# voices the model never heard can be measured: Andy, linda, Michael (the README's check set) and adam,
+# Alex, Annie, david, Lee, Mike, steph, steph2, steph3 (development).
 VOICE_VARIANTS = (
     "",  # the voice's default
     "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8",

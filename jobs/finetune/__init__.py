@@ -107,9 +107,8 @@ class FinetuneSettings(StageSettings):
         None, description="whisper: where LoRA goes [default: encoder and decoder]", examples=[["decoder"]],
     )
     lora_encoder_layers: int | None = Field(
-        None, ge=1, description="whisper: LoRA only in the encoder's lowest N layers [default: all]: the acoustic "
-        "layers, which adapt to a new voice or channel; the upper layers, nearer the decoder's language model, keep "
-        "the pretrained weights", examples=[3],
+        None, ge=1, description="whisper: LoRA only in the encoder's lowest N layers [default: all of them]; the "
+        "layers above keep the pretrained weights", examples=[3],
     )
     frozen_encoder_layers: int = Field(
         0, ge=0, description="whisper: bottom encoder layers (+ conv front-end) kept frozen; their output is computed "
