@@ -176,3 +176,15 @@ def test_missing_espeak_says_how_to_install(tmp_path: Path, monkeypatch: pytest.
 def test_missing_voice_or_variant_is_named(kwargs: dict, message: str) -> None:
     with pytest.raises(EspeakError, match=message):
         check_espeak(**kwargs)
+
+
+def test_an_espeak_ng_missing_some_variants_speaks_with_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    from common.core.demo_data import MIN_VARIANTS, VOICE_VARIANTS, espeak_voices
+
+    wanted = VOICE_VARIANTS[:MIN_VARIANTS] + ("nosuch-variant",)
+    with caplog.at_level("WARNING"):
+        version, have = espeak_voices(variants=wanted)
+    assert version and have == VOICE_VARIANTS[:MIN_VARIANTS]
+    assert "lacks 1 of the demo's 9 voice variants (nosuch-variant)" in caplog.text
+    with pytest.raises(EspeakError, match="lacks the voice variants"):  # too few left
+        espeak_voices(variants=VOICE_VARIANTS[: MIN_VARIANTS - 1] + ("nosuch-variant",))
