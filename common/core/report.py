@@ -87,6 +87,7 @@ def write_report(
     worst_n: int = WORST_N,
     roles: Mapping[str, str] | None = None,
     guard: Mapping[str, Any] | None = None,
+    development: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``report.md`` and ``report.html`` into ``out_dir`` (each atomically).
 
@@ -99,7 +100,8 @@ def write_report(
     Every model after the first gets, per set, ``vs_baseline`` in metrics.json: the CER difference with its
     paired-bootstrap 95 % interval and verdict (common.core.bootstrap). ``roles`` ({set: "domain" | "general"};
     default: the first set is the domain, the others general speech) and ``guard`` (finetune's guard.json)
-    make the report's opening answers: better on the domain? worse on general speech?
+    make the report's opening answers: better on the domain? worse on general speech? The sets named in
+    ``development`` chose something, and their answers say that their numbers are development numbers.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,7 @@ def write_report(
     figures = render_figures(metrics, rows)
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     comparisons = _comparisons(metrics, rows)
-    answers = _answers(comparisons, _sets(metrics), roles, guard)
+    answers = _answers(comparisons, _sets(metrics), roles, guard, development)
     if guard:
         extra[GUARD_HEADING] = _guard_table(guard)
     docs = {
@@ -235,8 +237,11 @@ GUARD_HEADING = "Forgetting guard: how final/ was chosen · 遗忘防护: 最终
 DOMAIN, GENERAL = "domain", "general"
 
 
+DEVELOPMENT_NOTE = " This set chose settings, so this is a development number, not proof · 该集参与了选择, 这是开发集数字。"
+
+
 def _answers(comparisons: Sequence[Mapping[str, Any]], sets: Sequence[str], roles: Mapping[str, str] | None,
-             guard: Mapping[str, Any] | None) -> list[str]:
+             guard: Mapping[str, Any] | None, development: Sequence[str] = ()) -> list[str]:
     """The report's opening lines: better on the domain? worse on general speech? (with the intervals)."""
     if not comparisons:
         return []
@@ -258,11 +263,15 @@ def _answers(comparisons: Sequence[Mapping[str, Any]], sets: Sequence[str], role
             zh = {"better": "是", "worse": "否, 更差", None: "无法判断"}.get(verdict, "无显著差异")
             lines.append(f"Better on your domain? · 在你的领域上更好吗? **{answer} · {zh}** — {said(c)}, "
                          f"{verdict or 'no interval'}.")
+            if c["set"] in development:
+                lines[-1] += DEVELOPMENT_NOTE
         else:
             answer = {"worse": "Yes", "better": "No, better", None: "Cannot tell"}.get(verdict, "No significant change")
             zh = {"worse": "是", "better": "否, 更好", None: "无法判断"}.get(verdict, "无显著变化")
             lines.append(f"Worse on general speech? · 在通用语音上变差了吗? **{answer} · {zh}** — {said(c)}, "
                          f"{verdict or 'no interval'}.")
+            if c["set"] in development:
+                lines[-1] += DEVELOPMENT_NOTE
     if guard:
         lines.append(_guard_answer(guard))
     return lines

@@ -110,6 +110,8 @@ class SetSpec(BaseModel):
     include_ids: str | None = Field(None, description="keep only the utterances whose id matches this regular "
                                     "expression (re.search), e.g. a documented split of a dev set")
     exclude_ids: str | None = Field(None, description="drop the utterances whose id matches this regular expression")
+    development: bool = Field(False, description="this set chose something (a recipe, merge factors, a checkpoint): "
+                                                 "the report labels its numbers development numbers, not proof")
 
     @field_validator("include_ids", "exclude_ids")
     @classmethod
@@ -616,7 +618,8 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
     atomic_write_bytes(ctx.out / "run_info.json", (json.dumps(info, ensure_ascii=False, indent=2) + "\n").encode())
     write_report(ctx.out, metrics, scored, settings.title,
                  {**report_extra(info, rejected), **training_extra(ctx), **text_norm_extra(policy)},
-                 guard=run_guard_result(ctx.store, settings))
+                 guard=run_guard_result(ctx.store, settings),
+                 development=[spec.name for spec in settings.set_specs() if spec.development])
     summary = {m: {s: {"cer": v["cer"], "n": v["n"]} for s, v in sets_.items()} for m, sets_ in metrics.items()}
     for model, sets_ in summary.items():
         for set_name, v in sets_.items():

@@ -246,10 +246,10 @@ def test_exactly_the_given_sets_in_order_a_dir_set_through_a_variable(
     monkeypatch.delenv(UNSET, raising=False)
     monkeypatch.setenv("ASRFT_EVALUATE_SETS", json.dumps([
         {"name": "test", "jsonl": str(data["jsonl"])},
-        {"name": "real-zh-dev", "dir": "${MY_DEV_SET}"},
+        {"name": "real-zh-dev", "dir": "${MY_DEV_SET}", "development": True},
         {"name": "other", "dir": UNSET_REF, "optional": True}]))
-    argv = ["--model", f"a={tiny['ct2']}", "--artifacts", str(tmp_path / "runs"), "--run-id", "dirset",
-            "--max-new-tokens", "2", "--compute-type", "float32"]
+    argv = ["--model", f"a={tiny['ct2']}", "--model", f"b={tiny['ct2']}", "--artifacts", str(tmp_path / "runs"),
+            "--run-id", "dirset", "--max-new-tokens", "2", "--compute-type", "float32"]
     assert evaluate(argv) == 0
     out = tmp_path / "runs" / "dirset" / "evaluate"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -258,6 +258,9 @@ def test_exactly_the_given_sets_in_order_a_dir_set_through_a_variable(
     skipped = json.loads((out / "run_info.json").read_text())["skipped_sets"]
     assert [s["set"] for s in skipped] == ["other"] and f"set {UNSET} to a folder holding" in skipped[0]["reason"]
     assert "Skipped optional sets" in (out / "report.md").read_text() and UNSET in (out / "report.md").read_text()
+    answers = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("- ")]
+    assert ["development number" in line for line in answers if " on test:" in line or " on real-zh-dev:" in line] \
+        == [False, True]  # only the set marked development
 
 
 def test_demo_pipeline_names_the_test_set_then_the_real_dev_set() -> None:
@@ -267,7 +270,7 @@ def test_demo_pipeline_names_the_test_set_then_the_real_dev_set() -> None:
 
     sets = load_settings(EvaluateSettings, load_pipeline(demo_config_path())["evaluate"]).set_specs()
     assert sets == [SetSpec(name="test", jsonl="run:prepare/test.jsonl"),
-                    SetSpec(name="real-zh-dev", dir="${ASRFT_REAL_ZH_DEV}", optional=True)]
+                    SetSpec(name="real-zh-dev", dir="${ASRFT_REAL_ZH_DEV}", optional=True, development=True)]
 
 
 @pytest.mark.parametrize(

@@ -199,3 +199,13 @@ def test_every_comparison_has_an_interval_and_the_report_opens_with_the_answers(
         assert vs["verdict"] in ("better", "worse", "no significant difference")
         assert vs["ci95_low"] <= vs["delta_cer"] <= vs["ci95_high"] and "bootstrap" in vs["method"]
     assert "vs_baseline" not in metrics["whisper-base"]["hsk"]  # the baseline is not compared with itself
+
+
+def test_a_set_that_chose_settings_is_labelled_a_development_number(tmp_path):
+    scored = score_rows(_rows())
+    paths = write_report(tmp_path, metrics_by_model_set(scored), scored, TITLE, development=["real"])
+    answers = paths["report.md"].read_text().split("## Answers · 结论")[1].split("## ")[0]
+    lines = {line.split("?")[0]: line for line in answers.splitlines() if line.startswith("- ")}
+    assert "development number" in lines["- Worse on general speech"]  # real
+    assert "development number" not in lines["- Better on your domain"]  # hsk chose nothing
+    assert "development number" in paths["report.html"].read_text()
