@@ -352,7 +352,7 @@ def _build(
     seed: int,
     workers: int | None,
     progress: bool,
-    variants: tuple[str, ...] = VOICE_VARIANTS,
+    variants: tuple[str, ...],
 ) -> dict[str, Any]:
     started = time.perf_counter()
     splits = {"train": (train, "audio", "train.csv"), "test": (test, "test_audio", "answers.csv")}

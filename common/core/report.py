@@ -235,8 +235,6 @@ def _ci_text(c: Mapping[str, Any]) -> tuple[str, str]:
 
 GUARD_HEADING = "Forgetting guard: how final/ was chosen · 遗忘防护: 最终模型如何选出"
 DOMAIN, GENERAL = "domain", "general"
-
-
 DEVELOPMENT_NOTE = " This set chose settings, so this is a development number, not proof · 该集参与了选择, 这是开发集数字。"
 
 
@@ -263,15 +261,13 @@ def _answers(comparisons: Sequence[Mapping[str, Any]], sets: Sequence[str], role
             zh = {"better": "是", "worse": "否, 更差", None: "无法判断"}.get(verdict, "无显著差异")
             lines.append(f"Better on your domain? · 在你的领域上更好吗? **{answer} · {zh}** — {said(c)}, "
                          f"{verdict or 'no interval'}.")
-            if c["set"] in development:
-                lines[-1] += DEVELOPMENT_NOTE
         else:
             answer = {"worse": "Yes", "better": "No, better", None: "Cannot tell"}.get(verdict, "No significant change")
             zh = {"worse": "是", "better": "否, 更好", None: "无法判断"}.get(verdict, "无显著变化")
             lines.append(f"Worse on general speech? · 在通用语音上变差了吗? **{answer} · {zh}** — {said(c)}, "
                          f"{verdict or 'no interval'}.")
-            if c["set"] in development:
-                lines[-1] += DEVELOPMENT_NOTE
+        if c["set"] in development:
+            lines[-1] += DEVELOPMENT_NOTE
     if guard:
         lines.append(_guard_answer(guard))
     return lines

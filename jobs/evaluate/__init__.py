@@ -619,7 +619,7 @@ def evaluate(ctx: StageContext, plan: Plan) -> dict[str, Any]:
     write_report(ctx.out, metrics, scored, settings.title,
                  {**report_extra(info, rejected), **training_extra(ctx), **text_norm_extra(policy)},
                  guard=run_guard_result(ctx.store, settings),
-                 development=[spec.name for spec in settings.set_specs() if spec.development])
+                 development=[e.spec.name for e in plan.sets if e.spec.development])
     summary = {m: {s: {"cer": v["cer"], "n": v["n"]} for s, v in sets_.items()} for m, sets_ in metrics.items()}
     for model, sets_ in summary.items():
         for set_name, v in sets_.items():
